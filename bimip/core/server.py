@@ -1,0 +1,272 @@
+"""Server bootstrap shared by every service.
+
+``start_service`` builds a service's runtime (telemetry, database engine, pub/sub bus,
+revocations), a ``grpc.aio`` server with the telemetry and auth interceptors, the standard health
+service (SERVING only while the database and Redis answer), reflection and the admin service, and
+starts it. ``RunningService.stop`` is the graceful shutdown: health goes NOT_SERVING, the service
+closes its streams, in-flight calls get the grace period, spans are flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace.export import SpanExporter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bimip.admin.v1 import admin_pb2, admin_pb2_grpc
+from bimip.core.auth import (
+    AuthInterceptor,
+    InProcessRevocations,
+    Keys,
+    RedisRevocations,
+    Revocations,
+    ServiceCredentials,
+)
+from bimip.core.clock import Clock, SystemClock
+from bimip.core.config import CoreSettings
+from bimip.core.errors import invalid
+from bimip.core.pubsub import Bus, InProcessBus, RedisBus
+from bimip.core.storage import create_engine, migrate, ping
+from bimip.core.telemetry import Telemetry, setup_telemetry
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Shared:
+    """What the services of one process share: keys, clock, and the in-process bus and revocations
+    of the embedded default (so that services in one process hear each other, as over Redis)."""
+
+    settings: CoreSettings
+    clock: Clock = field(default_factory=SystemClock)
+    keys: Keys | None = None
+    bus: InProcessBus | None = None
+    revocations: InProcessRevocations | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = Keys.from_settings(self.settings)
+        if self.settings.redis_url is None:
+            self.bus = self.bus or InProcessBus(
+                namespace=self.settings.redis_namespace, origin=self.settings.replica_id
+            )
+            self.revocations = self.revocations or InProcessRevocations()
+
+
+@dataclass
+class Runtime:
+    """One service's dependencies, passed explicitly to the service's constructor."""
+
+    name: str
+    settings: CoreSettings
+    clock: Clock
+    keys: Keys
+    telemetry: Telemetry
+    engine: AsyncEngine
+    bus: Bus
+    revocations: Revocations
+    redis: Any | None  # redis.asyncio.Redis when configured
+    credentials: ServiceCredentials
+
+    async def healthy(self) -> bool:
+        checks = [ping(self.engine), self.bus.ping()]
+        if self.redis is not None:
+            checks.append(_redis_ping(self.redis))
+        return all(await asyncio.gather(*checks))
+
+    async def close(self) -> None:
+        if self.settings.redis_url is not None:
+            await self.bus.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+        self.telemetry.shutdown()
+
+
+async def _redis_ping(client: Any) -> bool:
+    try:
+        return bool(await asyncio.wait_for(client.ping(), 2))
+    except Exception:  # noqa: BLE001 - health reports, never raises
+        return False
+
+
+async def build_runtime(
+    name: str, shared: Shared, settings: CoreSettings, *, exporter: SpanExporter | None = None
+) -> Runtime:
+    assert shared.keys is not None
+    telemetry = setup_telemetry(name, otlp_endpoint=settings.otlp_endpoint, exporter=exporter)
+    if settings.should_migrate_on_start:
+        await migrate(settings.database_url)
+    engine = create_engine(settings.database_url)
+    telemetry.instrument_engine(engine)
+    redis_client: Any | None = None
+    bus: Bus
+    revocations: Revocations
+    if settings.redis_url is not None:
+        import redis.asyncio as aioredis
+
+        redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        telemetry.instrument_redis(redis_client)
+        bus = RedisBus.from_url(
+            settings.redis_url,
+            namespace=settings.redis_namespace,
+            origin=settings.replica_id,
+            tracer_provider=telemetry.tracer_provider,
+        )
+        revocations = RedisRevocations(redis_client, settings.redis_namespace)
+    else:
+        assert shared.bus is not None and shared.revocations is not None
+        bus, revocations = shared.bus, shared.revocations
+    return Runtime(
+        name=name,
+        settings=settings,
+        clock=shared.clock,
+        keys=shared.keys,
+        telemetry=telemetry,
+        engine=engine,
+        bus=bus,
+        revocations=revocations,
+        redis=redis_client,
+        credentials=ServiceCredentials(shared.keys, name),
+    )
+
+
+class Service(Protocol):
+    """What a service module provides to the bootstrap."""
+
+    def register(self, server: grpc.aio.Server) -> Sequence[str]:
+        """Add the servicers; return their full service names (for health and reflection)."""
+        ...
+
+    async def start(self) -> None:
+        """Start background work (after the server listens)."""
+        ...
+
+    async def stop(self) -> None:
+        """Close open streams (clients reconnect elsewhere) and stop background work."""
+        ...
+
+
+ServiceFactory = Callable[[Runtime], Service]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, revocations: Revocations) -> None:
+        self._revocations = revocations
+
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> admin_pb2.RevokeTokenResponse:
+        if not request.token_id or len(request.token_id) > 256:
+            await invalid("INVALID_TOKEN_ID", "token_id must be 1..256 characters").abort(context)
+        until = request.until_unix or int(time.time()) + 30 * 86400
+        await self._revocations.revoke(request.token_id, float(until))
+        return admin_pb2.RevokeTokenResponse()
+
+
+@dataclass
+class RunningService:
+    name: str
+    port: int
+    server: grpc.aio.Server
+    runtime: Runtime
+    service: Service
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    auth: AuthInterceptor
+    _watcher: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.runtime.settings.shutdown_grace_s if grace is None else grace
+        if self._watcher:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.health.enter_graceful_shutdown()
+        await self.service.stop()
+        await self.server.stop(grace)
+        await self.auth.stop()
+        await self.runtime.close()
+        log.info("stopped", extra={"service": self.name})
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _set_health(running: RunningService, ok: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *running.service_names]:
+        await running.health.set(name, status)
+
+
+async def _watch_health(running: RunningService, current: bool) -> None:
+    """Health follows the database and Redis: SERVING while both answer, NOT_SERVING otherwise."""
+    while True:
+        await running.runtime.clock.sleep(running.runtime.settings.health_check_interval_s)
+        ok = await running.runtime.healthy()
+        if ok != current:
+            await _set_health(running, ok)
+            log.warning("health changed", extra={"service": running.name, "serving": ok})
+            current = ok
+
+
+async def start_service(
+    name: str,
+    factory: ServiceFactory,
+    shared: Shared,
+    settings: CoreSettings,
+    *,
+    exporter: SpanExporter | None = None,
+) -> RunningService:
+    """Start one service on the port its settings name (`BIMIP_<NAME>_PORT`)."""
+    port = int(getattr(settings, f"{name}_port"))
+    runtime = await build_runtime(name, shared, settings, exporter=exporter)
+    auth = AuthInterceptor(
+        runtime.keys, runtime.revocations, runtime.clock, sweep_interval=settings.heartbeat_interval_s
+    )
+    server = grpc.aio.server(
+        interceptors=[*runtime.telemetry.server_interceptors(), auth],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    service = factory(runtime)
+    names = list(service.register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(runtime.revocations), server)
+    names.append(admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{settings.host}:{port}")
+    if bound == 0:
+        await runtime.close()
+        raise OSError(f"{name}: cannot listen on {settings.host}:{port}")
+    await server.start()
+    await auth.start()
+    await service.start()
+    running = RunningService(name, bound, server, runtime, service, health_servicer, names, auth)
+    # Evaluate health once before returning, so a started service already reports its state.
+    ok = await runtime.healthy()
+    await _set_health(running, ok)
+    running._watcher = asyncio.create_task(_watch_health(running, ok), name=f"{name}-health")
+    log.info("serving", extra={"service": name, "port": bound})
+    return running

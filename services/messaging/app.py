@@ -1,0 +1,34 @@
+"""Wiring of the messaging service: its servicers on a server, its background work."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from bimip.core.server import Runtime
+from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
+from services.messaging.servicer import MessagingInternalServicer, MessagingServicer
+
+
+class MessagingApp:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def register(self, server: grpc.aio.Server) -> Sequence[str]:
+        messaging_pb2_grpc.add_MessagingServiceServicer_to_server(MessagingServicer(), server)  # type: ignore[abstract]  # RPCs not built yet answer UNIMPLEMENTED
+        internal_pb2_grpc.add_MessagingInternalServiceServicer_to_server(MessagingInternalServicer(), server)  # type: ignore[abstract]  # RPCs not built yet answer UNIMPLEMENTED
+        return [
+            messaging_pb2.DESCRIPTOR.services_by_name["MessagingService"].full_name,
+            internal_pb2.DESCRIPTOR.services_by_name["MessagingInternalService"].full_name,
+        ]
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def build(runtime: Runtime) -> MessagingApp:
+    return MessagingApp(runtime)
