@@ -91,7 +91,8 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
-        self.telemetry.shutdown()
+        # The exporter flushes synchronously; keep the event loop free while it does.
+        await asyncio.to_thread(self.telemetry.shutdown)
 
 
 async def _redis_ping(client: Any) -> bool:
@@ -201,7 +202,7 @@ class RunningService:
         await self.server.stop(grace)
         await self.auth.stop()
         await self.runtime.close()
-        log.info("stopped", extra={"service": self.name})
+        log.info("stopped", extra={"component": self.name})
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -220,7 +221,7 @@ async def _watch_health(running: RunningService, current: bool) -> None:
         ok = await running.runtime.healthy()
         if ok != current:
             await _set_health(running, ok)
-            log.warning("health changed", extra={"service": running.name, "serving": ok})
+            log.warning("health changed", extra={"component": running.name, "serving": ok})
             current = ok
 
 
@@ -268,5 +269,5 @@ async def start_service(
     ok = await runtime.healthy()
     await _set_health(running, ok)
     running._watcher = asyncio.create_task(_watch_health(running, ok), name=f"{name}-health")
-    log.info("serving", extra={"service": name, "port": bound})
+    log.info("serving", extra={"component": name, "port": bound})
     return running
