@@ -539,28 +539,6 @@ class RedisBus(_BusBase):
         self._reconciler: asyncio.Task[None] | None = None
         self._dirty = False
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        namespace: str,
-        origin: str,
-        tracer_provider: TracerProvider | None = None,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-        socket_timeout: float = 5.0,
-        client_name: str | None = None,
-    ) -> RedisBus:
-        return cls(
-            url,
-            namespace=namespace,
-            origin=origin,
-            tracer_provider=tracer_provider,
-            max_queue=max_queue,
-            socket_timeout=socket_timeout,
-            client_name=client_name,
-        )
-
     @property
     def connected(self) -> bool:
         """Whether the subscriber connection is up (False before the first subscribe)."""

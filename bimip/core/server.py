@@ -119,7 +119,7 @@ async def build_runtime(
 
         redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         telemetry.instrument_redis(redis_client)
-        bus = RedisBus.from_url(
+        bus = RedisBus(
             settings.redis_url,
             namespace=settings.redis_namespace,
             origin=settings.replica_id,

@@ -57,7 +57,7 @@ async def make_bus(backend: Backend) -> AsyncIterator[MakeBus]:
                 broker=broker,
             )
         else:
-            bus = RedisBus.from_url(
+            bus = RedisBus(
                 backend.redis_url,
                 namespace=ns,
                 origin=origin,
@@ -299,7 +299,7 @@ async def test_ping(make_bus: MakeBus) -> None:
 
 
 async def test_unreachable_redis_fails_fast() -> None:
-    bus = RedisBus.from_url("redis://127.0.0.1:1/0", namespace="unreachable", origin="r", socket_timeout=0.5)
+    bus = RedisBus("redis://127.0.0.1:1/0", namespace="unreachable", origin="r", socket_timeout=0.5)
     try:
         started = time.monotonic()
         assert await bus.ping() is False
@@ -316,7 +316,7 @@ async def test_unreachable_redis_fails_fast() -> None:
 async def test_redis_reconnects_and_flags_the_gap(redis_url: str) -> None:
     namespace = f"bimip-t-{uuid.uuid4().hex[:8]}"
     name = f"bimip-bus-{uuid.uuid4().hex[:8]}"
-    bus = RedisBus.from_url(redis_url, namespace=namespace, origin="r", client_name=name)
+    bus = RedisBus(redis_url, namespace=namespace, origin="r", client_name=name)
     admin = aioredis.from_url(redis_url)
     try:
         sub = await bus.subscribe("c")
@@ -356,7 +356,7 @@ async def test_redis_wire_format_is_the_envelope(redis_url: str) -> None:
     from bimip.bus.v1 import bus_pb2
 
     namespace = f"bimip-t-{uuid.uuid4().hex[:8]}"
-    bus = RedisBus.from_url(redis_url, namespace=namespace, origin="replica-x")
+    bus = RedisBus(redis_url, namespace=namespace, origin="replica-x")
     raw = aioredis.from_url(redis_url)
     pubsub = raw.pubsub()
     provider = TracerProvider()
