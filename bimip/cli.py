@@ -138,13 +138,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:
-    classes = list(_settings_classes().values())
+    classes = _settings_classes()
     if args.json:
-        print(
-            json.dumps({name: cls.model_json_schema() for name, cls in _settings_classes().items()}, indent=2)
-        )
+        print(json.dumps({name: cls.model_json_schema() for name, cls in classes.items()}, indent=2))
     else:
-        print(settings_table([CoreSettings, *classes]))
+        print(settings_table([CoreSettings, *classes.values()]))
     return 0
 
 
@@ -172,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_cmd_token_revoke)
 
     mig = sub.add_parser("migrate", help="apply database migrations (production start-up step)")
-    mig.add_argument("--revision", default="head", help="target revision (default head; base = empty)")
+    mig.add_argument("--revision", default="head", help="revision to upgrade to (default head)")
     mig.set_defaults(func=_cmd_migrate)
 
     st = sub.add_parser("settings", help="list every setting with its default")

@@ -32,7 +32,7 @@ import grpc
 import jwt
 
 from bimip.core.clock import Clock
-from bimip.core.config import CoreSettings
+from bimip.core.config import ConfigError, CoreSettings
 from bimip.core.errors import BimipError, unauthenticated, unimplemented
 from bimip.core.ids import device_id_problem, eid_problem
 
@@ -99,8 +99,6 @@ class Keys:
             secret = settings.jwt_secret or _secret_file(settings.var_dir, "jwt-secret")
             return cls("HS256", secret, secret, internal, settings.jwt_issuer, settings.jwt_audience)
         if not settings.jwt_public_key:
-            from bimip.core.config import ConfigError
-
             raise ConfigError("BIMIP_JWT_PUBLIC_KEY: required when BIMIP_JWT_ALGORITHM=RS256")
         private = _pem(settings.jwt_private_key) if settings.jwt_private_key else None
         return cls(
@@ -116,35 +114,56 @@ class Keys:
 # --- tokens -----------------------------------------------------------------------------------
 
 
+def _encode(
+    key: Any,
+    algorithm: str,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    ttl: timedelta,
+    now: float,
+    **extra: str,
+) -> str:
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "iat": int(now),
+        "exp": int(now + ttl.total_seconds()),
+        "jti": uuid.uuid4().hex,
+        **extra,
+    }
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
 def issue_client_token(
     keys: Keys, eid: str, device_id: str, ttl: timedelta, *, now: float | None = None
 ) -> str:
     if keys.sign_key is None:
         raise ValueError("no signing key: set BIMIP_JWT_PRIVATE_KEY to issue RS256 tokens")
-    issued = time.time() if now is None else now
-    claims = {
-        "iss": keys.issuer,
-        "aud": keys.audience,
-        "sub": eid,
-        DEVICE_CLAIM: device_id,
-        "iat": int(issued),
-        "exp": int(issued + ttl.total_seconds()),
-        "jti": uuid.uuid4().hex,
-    }
-    return jwt.encode(claims, keys.sign_key, algorithm=keys.algorithm)
+    return _encode(
+        keys.sign_key,
+        keys.algorithm,
+        issuer=keys.issuer,
+        audience=keys.audience,
+        subject=eid,
+        ttl=ttl,
+        now=time.time() if now is None else now,
+        **{DEVICE_CLAIM: device_id},
+    )
 
 
 def issue_service_token(keys: Keys, service: str, ttl: timedelta = timedelta(hours=1)) -> str:
-    now = time.time()
-    claims = {
-        "iss": keys.issuer,
-        "aud": INTERNAL_AUDIENCE,
-        "sub": f"service:{service}",
-        "iat": int(now),
-        "exp": int(now + ttl.total_seconds()),
-        "jti": uuid.uuid4().hex,
-    }
-    return jwt.encode(claims, keys.internal_secret, algorithm="HS256")
+    return _encode(
+        keys.internal_secret,
+        "HS256",
+        issuer=keys.issuer,
+        audience=INTERNAL_AUDIENCE,
+        subject=f"service:{service}",
+        ttl=ttl,
+        now=time.time(),
+    )
 
 
 class ServiceCredentials:
@@ -256,11 +275,10 @@ class RedisRevocations:
 # --- the interceptor --------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class _OpenStream:
     principal: Principal
     task: asyncio.Task[Any]
-    context: grpc.aio.ServicerContext[Any, Any]
     closed_reason: BimipError | None = None
 
 
@@ -307,7 +325,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._policy = policy or AuthPolicy()
-        self._streams: dict[int, _OpenStream] = {}
+        self._streams: set[_OpenStream] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -350,7 +368,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not self._streams:
             return
         now = self._clock.now().timestamp()
-        streams = list(self._streams.values())
+        streams = list(self._streams)
         revoked = await self._revocations.revoked({s.principal.token_id for s in streams})
         for stream in streams:
             if stream.principal.token_id in revoked:
@@ -417,8 +435,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             principal = await enter(context)
             task = asyncio.current_task()
             assert task is not None
-            entry = _OpenStream(principal, task, context)
-            self._streams[id(entry)] = entry
+            entry = _OpenStream(principal, task)
+            self._streams.add(entry)
             try:
                 async for item in inner_stream(request, context):
                     yield item
@@ -430,7 +448,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 task.uncancel()
                 await entry.closed_reason.abort(context)
             finally:
-                self._streams.pop(id(entry), None)
+                self._streams.discard(entry)
 
         stream_factory: Any = (
             grpc.unary_stream_rpc_method_handler
