@@ -27,7 +27,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -49,19 +49,23 @@ POSTGRES_CONNECT_TIMEOUT_S = 10.0
 _ALEMBIC_LOCK = threading.Lock()
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, writer: bool = False) -> AsyncEngine:
     """An async engine for `sqlite+aiosqlite:///path` or `postgresql+asyncpg://...`.
+
+    `writer=True` makes an engine for a service's one writing task: on SQLite its transactions
+    start with BEGIN IMMEDIATE, so a transaction that reads before it writes holds the write lock
+    from the start and can never fail to upgrade; on PostgreSQL its pool is small.
 
     Raises ValueError for any other scheme; the message names the scheme, never the whole URL
     (it may hold a password).
     """
     if _supported_scheme(url) == SQLITE:
-        return _create_sqlite_engine(url)
+        return _create_sqlite_engine(url, immediate=writer)
     return create_async_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
+        pool_size=2 if writer else 10,
+        max_overflow=2 if writer else 10,
         pool_recycle=1800,
         pool_timeout=10,
         connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT_S},
@@ -80,7 +84,7 @@ def _supported_scheme(url: str) -> str:
     return scheme
 
 
-def _create_sqlite_engine(url: str) -> AsyncEngine:
+def _create_sqlite_engine(url: str, *, immediate: bool = False) -> AsyncEngine:
     database = make_url(url).database or ""
     in_memory = database in ("", ":memory:")
     if not in_memory and not database.startswith("file:"):
@@ -98,6 +102,15 @@ def _create_sqlite_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()
+        if immediate:
+            # The driver must not open transactions itself; the "begin" listener does.
+            dbapi_connection.isolation_level = None
+
+    if immediate:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

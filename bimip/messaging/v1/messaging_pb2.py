@@ -26,59 +26,67 @@ from bimip.common.v1 import common_pb2 as bimip_dot_common_dot_v1_dot_common__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bimip/messaging/v1/messaging.proto\x12\x12\x62imip.messaging.v1\x1a\x1c\x62imip/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd0\x02\n\x0e\x43onnectRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x04open\x18\n \x01(\x0b\x32\x1f.bimip.messaging.v1.OpenRequestH\x00\x12/\n\x04send\x18\x0b \x01(\x0b\x32\x1f.bimip.messaging.v1.SendRequestH\x00\x12-\n\x03\x61\x63k\x18\x0c \x01(\x0b\x32\x1e.bimip.messaging.v1.AckRequestH\x00\x12/\n\x04mark\x18\r \x01(\x0b\x32\x1f.bimip.messaging.v1.MarkRequestH\x00\x12\x35\n\x07\x63ommand\x18\x0e \x01(\x0b\x32\".bimip.messaging.v1.CommandRequestH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\'\n\x0bOpenRequest\x12\x18\n\x10processed_offset\x18\x01 \x01(\x03\"8\n\x0bSendRequest\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Message\"\x1c\n\nAckRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"\x92\x01\n\x0bMarkRequest\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x13\n\tsignal_id\x18\x02 \x01(\tH\x00\x12\x33\n\npeer_range\x18\x03 \x01(\x0b\x32\x1d.bimip.messaging.v1.PeerRangeH\x00\x42\x08\n\x06target\"3\n\tPeerRange\x12\x10\n\x08peer_eid\x18\x01 \x01(\t\x12\x14\n\x0cup_to_offset\x18\x02 \x01(\x03\";\n\x0e\x43ommandRequest\x12)\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Command\"\xf6\x03\n\x0f\x43onnectResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x32\n\x06opened\x18\n \x01(\x0b\x32 .bimip.messaging.v1.OpenResponseH\x00\x12\x30\n\x08\x64\x65livery\x18\x0b \x01(\x0b\x32\x1c.bimip.messaging.v1.DeliveryH\x00\x12+\n\x04sent\x18\x0c \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAckH\x00\x12\x32\n\x06\x63ursor\x18\r \x01(\x0b\x32 .bimip.messaging.v1.CursorUpdateH\x00\x12\x30\n\x06marked\x18\x0e \x01(\x0b\x32\x1e.bimip.messaging.v1.MarkResultH\x00\x12;\n\x0e\x63ommand_result\x18\x0f \x01(\x0b\x32!.bimip.messaging.v1.CommandResultH\x00\x12=\n\x0freplay_complete\x18\x10 \x01(\x0b\x32\".bimip.messaging.v1.ReplayCompleteH\x00\x12\'\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x12 \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"t\n\x0cOpenResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x0c\n\x04head\x18\x02 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x05\x12\x17\n\x0fgrace_period_ms\x18\x04 \x01(\x05\x12\x0e\n\x06window\x18\x05 \x01(\x05\"U\n\x08\x44\x65livery\x12%\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x16.bimip.common.v1.Entry\x12\x12\n\nredelivery\x18\x02 \x01(\x08\x12\x0e\n\x06replay\x18\x03 \x01(\x08\"\xb4\x01\n\x07SendAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tsignal_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"\x1e\n\x0c\x43ursorUpdate\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\"N\n\nMarkResult\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x0f\n\x07updated\x18\x02 \x01(\x05\"2\n\rCommandResult\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"G\n\x0eReplayComplete\x12\x10\n\x08peer_eid\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\"?\n\x12SendMessageRequest\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Message\"?\n\x13SendMessageResponse\x12(\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAck\",\n\x17GetMessageStatusRequest\x12\x11\n\tsignal_id\x18\x01 \x01(\t\"\xf8\x01\n\x0c\x44\x65viceStatus\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplayed_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x03\n\x18GetMessageStatusResponse\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12)\n\x06sender\x18\x03 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12,\n\trecipient\x18\x04 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x32\n\taggregate\x18\x05 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplayed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x07\x64\x65vices\x18\n \x03(\x0b\x32 .bimip.messaging.v1.DeviceStatus\"\x18\n\x16GetCommitOffsetRequest\"p\n\x0c\x44\x65viceCursor\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\"q\n\x17GetCommitOffsetResponse\x12\x15\n\rcommit_offset\x18\x01 \x01(\x03\x12\x0c\n\x04head\x18\x02 \x01(\x03\x12\x31\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32 .bimip.messaging.v1.DeviceCursor2\xa5\x03\n\x10MessagingService\x12V\n\x07\x43onnect\x12\".bimip.messaging.v1.ConnectRequest\x1a#.bimip.messaging.v1.ConnectResponse(\x01\x30\x01\x12^\n\x0bSendMessage\x12&.bimip.messaging.v1.SendMessageRequest\x1a\'.bimip.messaging.v1.SendMessageResponse\x12m\n\x10GetMessageStatus\x12+.bimip.messaging.v1.GetMessageStatusRequest\x1a,.bimip.messaging.v1.GetMessageStatusResponse\x12j\n\x0fGetCommitOffset\x12*.bimip.messaging.v1.GetCommitOffsetRequest\x1a+.bimip.messaging.v1.GetCommitOffsetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bimip/messaging/v1/messaging.proto\x12\x12\x62imip.messaging.v1\x1a\x1c\x62imip/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x03\n\x0e\x43onnectRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12K\n\rtrace_context\x18\x02 \x03(\x0b\x32\x34.bimip.messaging.v1.ConnectRequest.TraceContextEntry\x12/\n\x04open\x18\n \x01(\x0b\x32\x1f.bimip.messaging.v1.OpenRequestH\x00\x12/\n\x04send\x18\x0b \x01(\x0b\x32\x1f.bimip.messaging.v1.SendRequestH\x00\x12-\n\x03\x61\x63k\x18\x0c \x01(\x0b\x32\x1e.bimip.messaging.v1.AckRequestH\x00\x12/\n\x04mark\x18\r \x01(\x0b\x32\x1f.bimip.messaging.v1.MarkRequestH\x00\x12\x35\n\x07\x63ommand\x18\x0e \x01(\x0b\x32\".bimip.messaging.v1.CommandRequestH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"\'\n\x0bOpenRequest\x12\x18\n\x10processed_offset\x18\x01 \x01(\x03\"8\n\x0bSendRequest\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Message\"\x1c\n\nAckRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"\x92\x01\n\x0bMarkRequest\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x13\n\tsignal_id\x18\x02 \x01(\tH\x00\x12\x33\n\npeer_range\x18\x03 \x01(\x0b\x32\x1d.bimip.messaging.v1.PeerRangeH\x00\x42\x08\n\x06target\"3\n\tPeerRange\x12\x10\n\x08peer_eid\x18\x01 \x01(\t\x12\x14\n\x0cup_to_offset\x18\x02 \x01(\x03\";\n\x0e\x43ommandRequest\x12)\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Command\"\xf9\x04\n\x0f\x43onnectResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12L\n\rtrace_context\x18\x02 \x03(\x0b\x32\x35.bimip.messaging.v1.ConnectResponse.TraceContextEntry\x12\x32\n\x06opened\x18\n \x01(\x0b\x32 .bimip.messaging.v1.OpenResponseH\x00\x12\x30\n\x08\x64\x65livery\x18\x0b \x01(\x0b\x32\x1c.bimip.messaging.v1.DeliveryH\x00\x12+\n\x04sent\x18\x0c \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAckH\x00\x12\x32\n\x06\x63ursor\x18\r \x01(\x0b\x32 .bimip.messaging.v1.CursorUpdateH\x00\x12\x30\n\x06marked\x18\x0e \x01(\x0b\x32\x1e.bimip.messaging.v1.MarkResultH\x00\x12;\n\x0e\x63ommand_result\x18\x0f \x01(\x0b\x32!.bimip.messaging.v1.CommandResultH\x00\x12=\n\x0freplay_complete\x18\x10 \x01(\x0b\x32\".bimip.messaging.v1.ReplayCompleteH\x00\x12\'\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x12 \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"t\n\x0cOpenResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x0c\n\x04head\x18\x02 \x01(\x03\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x05\x12\x17\n\x0fgrace_period_ms\x18\x04 \x01(\x05\x12\x0e\n\x06window\x18\x05 \x01(\x05\"U\n\x08\x44\x65livery\x12%\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x16.bimip.common.v1.Entry\x12\x12\n\nredelivery\x18\x02 \x01(\x08\x12\x0e\n\x06replay\x18\x03 \x01(\x08\"\xb4\x01\n\x07SendAck\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tsignal_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x11\n\tduplicate\x18\x06 \x01(\x08\"\x1e\n\x0c\x43ursorUpdate\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\"N\n\nMarkResult\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x0f\n\x07updated\x18\x02 \x01(\x05\"2\n\rCommandResult\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"G\n\x0eReplayComplete\x12\x10\n\x08peer_eid\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\"?\n\x12SendMessageRequest\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.bimip.common.v1.Message\"?\n\x13SendMessageResponse\x12(\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAck\",\n\x17GetMessageStatusRequest\x12\x11\n\tsignal_id\x18\x01 \x01(\t\"\xf8\x01\n\x0c\x44\x65viceStatus\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplayed_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x03\n\x18GetMessageStatusResponse\x12\x11\n\tsignal_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12)\n\x06sender\x18\x03 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12,\n\trecipient\x18\x04 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x32\n\taggregate\x18\x05 \x01(\x0e\x32\x1f.bimip.common.v1.DeliveryStatus\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07read_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplayed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x07\x64\x65vices\x18\n \x03(\x0b\x32 .bimip.messaging.v1.DeviceStatus\"\x18\n\x16GetCommitOffsetRequest\"p\n\x0c\x44\x65viceCursor\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\"q\n\x17GetCommitOffsetResponse\x12\x15\n\rcommit_offset\x18\x01 \x01(\x03\x12\x0c\n\x04head\x18\x02 \x01(\x03\x12\x31\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32 .bimip.messaging.v1.DeviceCursor2\xa5\x03\n\x10MessagingService\x12V\n\x07\x43onnect\x12\".bimip.messaging.v1.ConnectRequest\x1a#.bimip.messaging.v1.ConnectResponse(\x01\x30\x01\x12^\n\x0bSendMessage\x12&.bimip.messaging.v1.SendMessageRequest\x1a\'.bimip.messaging.v1.SendMessageResponse\x12m\n\x10GetMessageStatus\x12+.bimip.messaging.v1.GetMessageStatusRequest\x1a,.bimip.messaging.v1.GetMessageStatusResponse\x12j\n\x0fGetCommitOffset\x12*.bimip.messaging.v1.GetCommitOffsetRequest\x1a+.bimip.messaging.v1.GetCommitOffsetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bimip.messaging.v1.messaging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONNECTREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CONNECTREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_CONNECTRESPONSE_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CONNECTRESPONSE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_CONNECTREQUEST']._serialized_start=122
-  _globals['_CONNECTREQUEST']._serialized_end=458
-  _globals['_OPENREQUEST']._serialized_start=460
-  _globals['_OPENREQUEST']._serialized_end=499
-  _globals['_SENDREQUEST']._serialized_start=501
-  _globals['_SENDREQUEST']._serialized_end=557
-  _globals['_ACKREQUEST']._serialized_start=559
-  _globals['_ACKREQUEST']._serialized_end=587
-  _globals['_MARKREQUEST']._serialized_start=590
-  _globals['_MARKREQUEST']._serialized_end=736
-  _globals['_PEERRANGE']._serialized_start=738
-  _globals['_PEERRANGE']._serialized_end=789
-  _globals['_COMMANDREQUEST']._serialized_start=791
-  _globals['_COMMANDREQUEST']._serialized_end=850
-  _globals['_CONNECTRESPONSE']._serialized_start=853
-  _globals['_CONNECTRESPONSE']._serialized_end=1355
-  _globals['_OPENRESPONSE']._serialized_start=1357
-  _globals['_OPENRESPONSE']._serialized_end=1473
-  _globals['_DELIVERY']._serialized_start=1475
-  _globals['_DELIVERY']._serialized_end=1560
-  _globals['_SENDACK']._serialized_start=1563
-  _globals['_SENDACK']._serialized_end=1743
-  _globals['_CURSORUPDATE']._serialized_start=1745
-  _globals['_CURSORUPDATE']._serialized_end=1775
-  _globals['_MARKRESULT']._serialized_start=1777
-  _globals['_MARKRESULT']._serialized_end=1855
-  _globals['_COMMANDRESULT']._serialized_start=1857
-  _globals['_COMMANDRESULT']._serialized_end=1907
-  _globals['_REPLAYCOMPLETE']._serialized_start=1909
-  _globals['_REPLAYCOMPLETE']._serialized_end=1980
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=1982
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=2045
-  _globals['_SENDMESSAGERESPONSE']._serialized_start=2047
-  _globals['_SENDMESSAGERESPONSE']._serialized_end=2110
-  _globals['_GETMESSAGESTATUSREQUEST']._serialized_start=2112
-  _globals['_GETMESSAGESTATUSREQUEST']._serialized_end=2156
-  _globals['_DEVICESTATUS']._serialized_start=2159
-  _globals['_DEVICESTATUS']._serialized_end=2407
-  _globals['_GETMESSAGESTATUSRESPONSE']._serialized_start=2410
-  _globals['_GETMESSAGESTATUSRESPONSE']._serialized_end=2853
-  _globals['_GETCOMMITOFFSETREQUEST']._serialized_start=2855
-  _globals['_GETCOMMITOFFSETREQUEST']._serialized_end=2879
-  _globals['_DEVICECURSOR']._serialized_start=2881
-  _globals['_DEVICECURSOR']._serialized_end=2993
-  _globals['_GETCOMMITOFFSETRESPONSE']._serialized_start=2995
-  _globals['_GETCOMMITOFFSETRESPONSE']._serialized_end=3108
-  _globals['_MESSAGINGSERVICE']._serialized_start=3111
-  _globals['_MESSAGINGSERVICE']._serialized_end=3532
+  _globals['_CONNECTREQUEST']._serialized_end=588
+  _globals['_CONNECTREQUEST_TRACECONTEXTENTRY']._serialized_start=528
+  _globals['_CONNECTREQUEST_TRACECONTEXTENTRY']._serialized_end=579
+  _globals['_OPENREQUEST']._serialized_start=590
+  _globals['_OPENREQUEST']._serialized_end=629
+  _globals['_SENDREQUEST']._serialized_start=631
+  _globals['_SENDREQUEST']._serialized_end=687
+  _globals['_ACKREQUEST']._serialized_start=689
+  _globals['_ACKREQUEST']._serialized_end=717
+  _globals['_MARKREQUEST']._serialized_start=720
+  _globals['_MARKREQUEST']._serialized_end=866
+  _globals['_PEERRANGE']._serialized_start=868
+  _globals['_PEERRANGE']._serialized_end=919
+  _globals['_COMMANDREQUEST']._serialized_start=921
+  _globals['_COMMANDREQUEST']._serialized_end=980
+  _globals['_CONNECTRESPONSE']._serialized_start=983
+  _globals['_CONNECTRESPONSE']._serialized_end=1616
+  _globals['_CONNECTRESPONSE_TRACECONTEXTENTRY']._serialized_start=528
+  _globals['_CONNECTRESPONSE_TRACECONTEXTENTRY']._serialized_end=579
+  _globals['_OPENRESPONSE']._serialized_start=1618
+  _globals['_OPENRESPONSE']._serialized_end=1734
+  _globals['_DELIVERY']._serialized_start=1736
+  _globals['_DELIVERY']._serialized_end=1821
+  _globals['_SENDACK']._serialized_start=1824
+  _globals['_SENDACK']._serialized_end=2004
+  _globals['_CURSORUPDATE']._serialized_start=2006
+  _globals['_CURSORUPDATE']._serialized_end=2036
+  _globals['_MARKRESULT']._serialized_start=2038
+  _globals['_MARKRESULT']._serialized_end=2116
+  _globals['_COMMANDRESULT']._serialized_start=2118
+  _globals['_COMMANDRESULT']._serialized_end=2168
+  _globals['_REPLAYCOMPLETE']._serialized_start=2170
+  _globals['_REPLAYCOMPLETE']._serialized_end=2241
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=2243
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=2306
+  _globals['_SENDMESSAGERESPONSE']._serialized_start=2308
+  _globals['_SENDMESSAGERESPONSE']._serialized_end=2371
+  _globals['_GETMESSAGESTATUSREQUEST']._serialized_start=2373
+  _globals['_GETMESSAGESTATUSREQUEST']._serialized_end=2417
+  _globals['_DEVICESTATUS']._serialized_start=2420
+  _globals['_DEVICESTATUS']._serialized_end=2668
+  _globals['_GETMESSAGESTATUSRESPONSE']._serialized_start=2671
+  _globals['_GETMESSAGESTATUSRESPONSE']._serialized_end=3114
+  _globals['_GETCOMMITOFFSETREQUEST']._serialized_start=3116
+  _globals['_GETCOMMITOFFSETREQUEST']._serialized_end=3140
+  _globals['_DEVICECURSOR']._serialized_start=3142
+  _globals['_DEVICECURSOR']._serialized_end=3254
+  _globals['_GETCOMMITOFFSETRESPONSE']._serialized_start=3256
+  _globals['_GETCOMMITOFFSETRESPONSE']._serialized_end=3369
+  _globals['_MESSAGINGSERVICE']._serialized_start=3372
+  _globals['_MESSAGINGSERVICE']._serialized_end=3793
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,28 @@ class ConnectRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SEQ_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     OPEN_FIELD_NUMBER: _builtins.int
     SEND_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
@@ -40,6 +61,12 @@ class ConnectRequest(_message.Message):
     """Client-chosen frame number, echoed in the response frame(s) it causes,
     including per-frame errors.
     """
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context (traceparent, tracestate) of the client's span for this
+        frame, so one trace follows a message from the sender's SDK (SPEC X6).
+        """
+
     @_builtins.property
     def open(self) -> Global___OpenRequest: ...
     @_builtins.property
@@ -56,6 +83,7 @@ class ConnectRequest(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         open: Global___OpenRequest | None = ...,
         send: Global___SendRequest | None = ...,
         ack: Global___AckRequest | None = ...,
@@ -65,7 +93,7 @@ class ConnectRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "frame", b"frame", "heartbeat", b"heartbeat", "mark", b"mark", "open", b"open", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "frame", b"frame", "heartbeat", b"heartbeat", "mark", b"mark", "open", b"open", "send", b"send", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "frame", b"frame", "heartbeat", b"heartbeat", "mark", b"mark", "open", b"open", "send", b"send", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "send", "ack", "mark", "command", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
@@ -234,7 +262,28 @@ class ConnectResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SEQ_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     OPENED_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
@@ -248,6 +297,12 @@ class ConnectResponse(_message.Message):
     """The seq of the client frame this answers; 0 for unsolicited frames
     (deliveries, heartbeats).
     """
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the server's span for this frame; for a delivery, the
+        span of the entry's message, so the device's ack can join its trace.
+        """
+
     @_builtins.property
     def opened(self) -> Global___OpenResponse: ...
     @_builtins.property
@@ -270,6 +325,7 @@ class ConnectResponse(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         opened: Global___OpenResponse | None = ...,
         delivery: Global___Delivery | None = ...,
         sent: Global___SendAck | None = ...,
@@ -282,7 +338,7 @@ class ConnectResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "delivery", "sent", "cursor", "marked", "command_result", "replay_complete", "error", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015

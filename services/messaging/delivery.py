@@ -1,0 +1,486 @@
+"""Delivery to device streams (SPEC M4–M7, M11, M12, X5, X8).
+
+A `DeviceStream` is one device's open Connect stream on this replica. Its pump reads the user's
+log from storage after the device's position, skips what the device must not get back (its own
+entries, entries for another device) and sends the rest, with at most `window` unacknowledged
+entries in flight. It wakes when the log grows (a notice from this replica's writer or, through the
+bus, another replica's), on an ack, on a heartbeat tick and when the grace timer fires. Because it
+always reads storage, a missed notice or a slow device costs lag, never an entry (M12): nothing is
+queued per device beyond one window.
+
+The `Hub` is the replica's registry of open streams and its one bus subscription: the log channels
+of users with a stream here and the device channels of those devices. A device channel carries
+"a new stream opened" (the older stream ends with CONNECTED_ELSEWHERE, M7), "flush" (ONLINE, M11),
+"replay" (RESUME, M11) and "cursor" (a cursor moved elsewhere, e.g. by sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Tracer
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bimip.common.v1 import common_pb2
+from bimip.core.clock import Clock
+from bimip.core.errors import BimipError
+from bimip.core.pubsub import Bus, Subscription, consumer_span
+from bimip.messaging.v1 import messaging_pb2
+from services.messaging import store
+from services.messaging.ops import device_channel, log_channel
+
+log = logging.getLogger(__name__)
+
+PAGE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    offset: int
+    kind: int
+    author_eid: str
+    author_device: str
+    target_device: str | None
+    signal_id: str
+    trace_context: str | None
+    body: bytes
+
+    def visible_to(self, eid: str, device_id: str) -> bool:
+        """M4: not the device's own entry, and not an entry for another device."""
+        if self.author_eid == eid and self.author_device == device_id:
+            return False
+        return self.target_device is None or self.target_device == device_id
+
+
+_COLUMNS = (
+    store.entries.c.offset,
+    store.entries.c.kind,
+    store.entries.c.author_eid,
+    store.entries.c.author_device,
+    store.entries.c.target_device,
+    store.entries.c.signal_id,
+    store.entries.c.trace_context,
+    store.entries.c.body,
+)
+
+
+async def read_log(
+    engine: AsyncEngine,
+    eid: str,
+    after: int,
+    limit: int,
+    *,
+    peer_eid: str | None = None,
+    upto: int | None = None,
+) -> list[Row]:
+    """Entries of `eid`'s log after `after`, in offset order (on the primary key: cost ∝ the page)."""
+    e = store.entries
+    query = select(*_COLUMNS).where(e.c.eid == eid, e.c.offset > after)
+    if peer_eid is not None:
+        query = query.where(e.c.peer_eid == peer_eid)
+    if upto is not None:
+        query = query.where(e.c.offset <= upto)
+    async with engine.connect() as conn:
+        result = await conn.execute(query.order_by(e.c.offset).limit(limit))
+        return [Row(*r) for r in result]
+
+
+def context_of(traceparent: str | None) -> Context | None:
+    return propagate.extract({"traceparent": traceparent}) if traceparent else None
+
+
+def traceparent_of(context: Context | None = None) -> str | None:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
+    return carrier.get("traceparent")
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The stream ends: normally (error None: the client half-closed) or with an error."""
+
+    error: BimipError | None = None
+
+
+class DeviceStream:
+    """One device's Connect stream on this replica."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        hub: Hub,
+        eid: str,
+        device_id: str,
+        cursor: int,
+        *,
+        window: int,
+        grace: float,
+        clock: Clock,
+        tracer: Tracer,
+        queue_size: int,
+    ) -> None:
+        self.hub = hub
+        self.eid = eid
+        self.device_id = device_id
+        self.sid = f"{hub.replica}/{next(self._ids)}"
+        self.opened = (time.time_ns(), self.sid)
+        self.cursor = cursor
+        self.scanned = cursor  # everything up to here was sent or passed over in this pass
+        self.inflight: deque[int] = deque()
+        self.traces: dict[int, str | None] = {}
+        self.window = window
+        self.grace = grace
+        self.clock = clock
+        self.tracer = tracer
+        self.out: asyncio.Queue[messaging_pb2.ConnectResponse | Closed] = asyncio.Queue(queue_size)
+        self.redeliver_upto = 0
+        self._wake = asyncio.Event()
+        self._grace_expired = False
+        self._grace_task: asyncio.Task[None] | None = None
+        self._replays: deque[tuple[str, int]] = deque()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.pending_cursor: int | None = None  # a cursor move requested and not yet committed
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pump_task = asyncio.create_task(self._pump(), name=f"deliver-{self.eid}/{self.device_id}")
+        self.wake()
+
+    async def stop(self) -> None:
+        self._closed = True
+        for task in (self._pump_task, self._grace_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._pump_task, self._grace_task) if t is not None), return_exceptions=True
+        )
+
+    def end(self, error: BimipError | None) -> None:
+        """End the stream with `error` (replaced, shutting down), or normally with None."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.out.put_nowait(Closed(error))
+        # A full queue means the handler is still draining; it ends when it reads the flag.
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- events --------------------------------------------------------------------------------
+
+    def notify(self, head: int) -> None:
+        if head > self.scanned:
+            self._wake.set()
+
+    def on_device_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("t")
+        if kind == "open":
+            other = (int(event.get("at", 0)), str(event.get("sid", "")))
+            if other > self.opened:
+                self.end(
+                    BimipError(
+                        grpc.StatusCode.ABORTED,
+                        "CONNECTED_ELSEWHERE",
+                        "a newer stream for this device replaced this one",
+                    )
+                )
+        elif kind == "flush":
+            self.flush()
+        elif kind == "replay":
+            self.replay(str(event.get("peer", "")), int(event.get("after", 0)))
+        elif kind == "cursor":
+            self.cursor_moved(int(event.get("cursor", 0)))
+
+    def flush(self) -> None:
+        """M11: push pending entries now: unacknowledged ones again, then anything new."""
+        if self.inflight:
+            self._grace_expired = True
+        self._wake.set()
+
+    def replay(self, peer_eid: str, after: int) -> None:
+        self._replays.append((peer_eid, after))
+        self._wake.set()
+
+    def cursor_moved(self, cursor: int) -> None:
+        """The durable cursor is now `cursor`: forget what it covers."""
+        if cursor <= self.cursor:
+            return
+        self.cursor = cursor
+        while self.inflight and self.inflight[0] <= cursor:
+            self.traces.pop(self.inflight.popleft(), None)
+        if self.scanned < cursor:
+            self.scanned = cursor
+        if self.inflight:
+            self._restart_grace()
+        else:
+            self._stop_grace()
+        self._wake.set()
+
+    # --- acks ----------------------------------------------------------------------------------
+
+    def acked_position(self, offset: int) -> int:
+        """Where the cursor may go for an ack of `offset` (passing over skipped entries after it)."""
+        if self.inflight:
+            nxt = next((o for o in self.inflight if o > offset), None)
+            return max(offset, nxt - 1) if nxt is not None else max(offset, self.scanned)
+        return max(offset, self.scanned)
+
+    def trace_of(self, offset: int) -> str | None:
+        return self.traces.get(offset)
+
+    # --- the pump ------------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._closed:
+                    return
+                if self._grace_expired:
+                    self._grace_expired = False
+                    if self.inflight:
+                        self.redeliver_upto = max(self.redeliver_upto, self.inflight[-1])
+                        self.inflight.clear()
+                        self.scanned = self.cursor
+                        self.hub.redeliveries += 1
+                while self._replays:
+                    peer, after = self._replays.popleft()
+                    await self._replay(peer, after)
+                await self._fill()
+                if not self.inflight and self.scanned > self.cursor and self.pending_cursor is None:
+                    # Only own or other devices' entries since the cursor: pass over them (M4).
+                    await self.hub.advance(self, self.scanned)
+        except asyncio.CancelledError:
+            raise
+        except BimipError as err:
+            self.end(err)
+        except Exception:
+            log.exception("delivery to %s/%s failed", self.eid, self.device_id)
+            self.end(BimipError(grpc.StatusCode.UNAVAILABLE, "DELIVERY_FAILED", "delivery failed; reconnect"))
+
+    async def _fill(self) -> None:
+        while len(self.inflight) < self.window and not self._closed:
+            rows = await read_log(self.hub.engine, self.eid, self.scanned, PAGE)
+            for row in rows:
+                if not row.visible_to(self.eid, self.device_id):
+                    self.scanned = row.offset
+                    continue
+                if len(self.inflight) >= self.window:
+                    return
+                await self._send(row, redelivery=row.offset <= self.redeliver_upto)
+                self.inflight.append(row.offset)
+                self.traces[row.offset] = row.trace_context
+                self.scanned = row.offset
+                if self._grace_task is None:
+                    self._restart_grace()
+            if len(rows) < PAGE:
+                return
+
+    async def _send(self, row: Row, *, redelivery: bool = False, replay: bool = False) -> None:
+        entry = common_pb2.Entry.FromString(row.body)
+        frame = messaging_pb2.ConnectResponse(
+            delivery=messaging_pb2.Delivery(entry=entry, redelivery=redelivery, replay=replay)
+        )
+        with self.tracer.start_as_current_span(
+            "messaging deliver",
+            context=context_of(row.trace_context),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "bimip",
+                "messaging.operation.type": "send",
+                "bimip.user": self.eid,
+                "bimip.device": self.device_id,
+                "bimip.offset": row.offset,
+                "bimip.signal_id": row.signal_id,
+                "bimip.redelivery": redelivery,
+                "bimip.replay": replay,
+            },
+        ):
+            if (tp := traceparent_of()) is not None:
+                frame.trace_context["traceparent"] = tp
+        self.hub.delivered += 1
+        await self.out.put(frame)
+
+    async def _replay(self, peer: str, after: int) -> None:
+        """M11: a conversation's entries after `after`, own included, without moving the cursor."""
+        count, position = 0, after
+        upto = await self.hub.head(self.eid)
+        while not self._closed:
+            rows = await read_log(self.hub.engine, self.eid, position, PAGE, peer_eid=peer, upto=upto)
+            for row in rows:
+                position = row.offset
+                if row.target_device is not None and row.target_device != self.device_id:
+                    continue
+                await self._send(row, replay=True)
+                count += 1
+            if len(rows) < PAGE:
+                break
+        await self.out.put(
+            messaging_pb2.ConnectResponse(
+                replay_complete=messaging_pb2.ReplayComplete(peer_eid=peer, after_offset=after, count=count)
+            )
+        )
+
+    # --- grace (M6) ----------------------------------------------------------------------------
+
+    def _restart_grace(self) -> None:
+        self._stop_grace()
+        self._grace_task = asyncio.create_task(self._grace_timer())
+
+    def _stop_grace(self) -> None:
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
+
+    async def _grace_timer(self) -> None:
+        await self.clock.sleep(self.grace)
+        self._grace_task = None
+        if self.inflight and not self._closed:
+            self._grace_expired = True
+            self._wake.set()
+
+
+Advance = Callable[[DeviceStream, int], Any]
+
+
+class Hub:
+    """This replica's open device streams and its one bus subscription."""
+
+    def __init__(self, engine: AsyncEngine, bus: Bus, tracer: Tracer, replica: str) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.tracer = tracer
+        self.replica = replica
+        self.streams: dict[tuple[str, str], DeviceStream] = {}
+        self.by_user: dict[str, set[DeviceStream]] = {}
+        self._subscription: Subscription | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.advance: Advance = _no_advance
+        self.delivered = 0
+        self.redeliveries = 0
+
+    async def start(self) -> None:
+        self._subscription = await self.bus.subscribe()
+        self._reader = asyncio.create_task(self._read(), name="messaging-hub")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.close()
+
+    async def head(self, eid: str) -> int:
+        logs = store.logs
+        async with self.engine.connect() as conn:
+            head = (await conn.execute(select(logs.c.head).where(logs.c.eid == eid))).scalar()
+        return int(head or 0)
+
+    async def register(self, stream: DeviceStream) -> None:
+        """Make `stream` the device's one stream: end any older one, here or on another replica."""
+        key = (stream.eid, stream.device_id)
+        async with self._lock:
+            old = self.streams.get(key)
+            self.streams[key] = stream
+            self.by_user.setdefault(stream.eid, set()).add(stream)
+            if old is not None:
+                self._forget(old)
+            assert self._subscription is not None
+            await self._subscription.add(log_channel(stream.eid), device_channel(*key))
+        if old is not None:
+            old.end(
+                BimipError(
+                    grpc.StatusCode.ABORTED,
+                    "CONNECTED_ELSEWHERE",
+                    "a newer stream for this device replaced this one",
+                )
+            )
+        at, sid = stream.opened
+        await self.bus.publish(device_channel(*key), json.dumps({"t": "open", "at": at, "sid": sid}).encode())
+
+    async def unregister(self, stream: DeviceStream) -> None:
+        async with self._lock:
+            key = (stream.eid, stream.device_id)
+            if self.streams.get(key) is not stream:
+                return
+            self._forget(stream)
+            channels = [device_channel(*key)]
+            if not self.by_user.get(stream.eid):
+                channels.append(log_channel(stream.eid))
+            if self._subscription is not None and not self._subscription.closed:
+                await self._subscription.remove(*channels)
+
+    def _forget(self, stream: DeviceStream) -> None:
+        key = (stream.eid, stream.device_id)
+        if self.streams.get(key) is stream:
+            del self.streams[key]
+        users = self.by_user.get(stream.eid)
+        if users is not None:
+            users.discard(stream)
+            if not users:
+                del self.by_user[stream.eid]
+
+    def local(self, eid: str, device_id: str) -> DeviceStream | None:
+        return self.streams.get((eid, device_id))
+
+    def log_grew(self, heads: dict[str, int]) -> None:
+        """This replica's writer committed: wake local streams at once (the bus tells the others)."""
+        for eid, head in heads.items():
+            for stream in self.by_user.get(eid, ()):
+                stream.notify(head)
+
+    async def _read(self) -> None:
+        assert self._subscription is not None
+        async for message in self._subscription:
+            if message.gap:
+                for stream in list(self.streams.values()):
+                    stream.wake()
+            channel = message.channel
+            try:
+                if channel.startswith("msg-log:"):
+                    # Also this replica's own notices: a repeated wake-up costs nothing.
+                    eid = channel[len("msg-log:") :]
+                    head = int(message.body)
+                    with consumer_span(self.tracer, message, "messaging log grew"):
+                        for stream in self.by_user.get(eid, ()):
+                            stream.notify(head)
+                elif channel.startswith("msg-dev:"):
+                    eid, _, device_id = channel[len("msg-dev:") :].partition("/")
+                    local = self.streams.get((eid, device_id))
+                    if local is not None:
+                        local.on_device_event(json.loads(message.body))
+            except (ValueError, json.JSONDecodeError):
+                log.warning("hub: dropped a malformed message on %s", channel)
+
+
+async def _no_advance(stream: DeviceStream, offset: int) -> None:
+    return None
+
+
+def current_traceparent() -> str | None:
+    span = trace.get_current_span()
+    return traceparent_of() if span.get_span_context().is_valid else None

@@ -1,0 +1,159 @@
+"""A small test client of the messaging Connect stream: one `Device` per open stream.
+
+It records every frame the server sends, by kind, and offers the client's verbs (send, ack, mark,
+command). Waiting is always polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from bimip.common.v1 import common_pb2
+from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
+from tests.helpers import eventually
+
+
+def message(
+    to: str, client_id: str, payload: bytes = b"hi", *, device: str = "", **fields: Any
+) -> common_pb2.Message:
+    return common_pb2.Message(
+        client_id=client_id,
+        recipient=common_pb2.Identity(eid=to, device_id=device),
+        type=fields.pop("type", common_pb2.MESSAGE_TYPE_CHAT),
+        payload=payload,
+        **fields,
+    )
+
+
+@dataclass
+class Device:
+    """An open Connect stream of one device."""
+
+    eid: str
+    device_id: str
+    call: Any
+    opened: messaging_pb2.OpenResponse
+    frames: list[messaging_pb2.ConnectResponse] = field(default_factory=list)
+    ended: grpc.aio.AioRpcError | None = None
+    finished: bool = False
+    _seq: Any = field(default_factory=lambda: itertools.count(1))
+    _reader: asyncio.Task[None] | None = None
+
+    # --- what arrived ------------------------------------------------------------------------
+
+    def of(self, kind: str) -> list[Any]:
+        return [getattr(f, kind) for f in self.frames if f.WhichOneof("frame") == kind]
+
+    def answer(self, seq: int) -> messaging_pb2.ConnectResponse | None:
+        return next((f for f in self.frames if f.seq == seq and f.WhichOneof("frame") != "delivery"), None)
+
+    @property
+    def deliveries(self) -> list[messaging_pb2.Delivery]:
+        return self.of("delivery")
+
+    def entries(self, *, replay: bool = False) -> list[common_pb2.Entry]:
+        return [d.entry for d in self.deliveries if d.replay == replay]
+
+    def messages(self) -> list[common_pb2.Message]:
+        return [e.message for e in self.entries() if e.WhichOneof("body") == "message"]
+
+    def receipts(self) -> list[common_pb2.Receipt]:
+        return [e.receipt for e in self.entries() if e.WhichOneof("body") == "receipt"]
+
+    def offsets(self) -> list[int]:
+        return [e.offset for e in self.entries()]
+
+    # --- verbs -------------------------------------------------------------------------------
+
+    async def write(self, **frame: Any) -> int:
+        seq = next(self._seq)
+        await self.call.write(messaging_pb2.ConnectRequest(seq=seq, **frame))
+        return seq
+
+    async def reply(self, seq: int, timeout: float = 15.0) -> messaging_pb2.ConnectResponse:
+        return await eventually(lambda: self.answer(seq), timeout=timeout)  # type: ignore[no-any-return]
+
+    async def send(self, msg: common_pb2.Message) -> messaging_pb2.ConnectResponse:
+        return await self.reply(await self.write(send=messaging_pb2.SendRequest(message=msg)))
+
+    async def sent(self, msg: common_pb2.Message) -> messaging_pb2.SendAck:
+        response = await self.send(msg)
+        assert response.WhichOneof("frame") == "sent", response
+        return response.sent
+
+    async def ack(self, offset: int) -> messaging_pb2.ConnectResponse:
+        return await self.reply(await self.write(ack=messaging_pb2.AckRequest(offset=offset)))
+
+    async def mark(self, status: int, **target: Any) -> messaging_pb2.ConnectResponse:
+        return await self.reply(await self.write(mark=messaging_pb2.MarkRequest(status=status, **target)))
+
+    async def command(self, **command: Any) -> messaging_pb2.ConnectResponse:
+        return await self.reply(
+            await self.write(command=messaging_pb2.CommandRequest(command=common_pb2.Command(**command)))
+        )
+
+    async def wait_entries(self, count: int, timeout: float = 15.0) -> list[common_pb2.Entry]:
+        await eventually(lambda: len(self.entries()) >= count, timeout=timeout)
+        return self.entries()
+
+    async def wait_for(self, predicate: Any, timeout: float = 15.0) -> Any:
+        return await eventually(predicate, timeout=timeout)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.call.done_writing()
+        self.call.cancel()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self) -> None:
+        try:
+            while (frame := await self.call.read()) is not grpc.aio.EOF:
+                self.frames.append(frame)
+        except grpc.aio.AioRpcError as err:
+            self.ended = err
+        except asyncio.CancelledError:
+            pass
+        self.finished = True
+
+
+async def connect(
+    channel: grpc.aio.Channel, token: str, eid: str, device_id: str, processed_offset: int = 0
+) -> Device:
+    stub = messaging_pb2_grpc.MessagingServiceStub(channel)
+    call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
+    await call.write(
+        messaging_pb2.ConnectRequest(seq=0, open=messaging_pb2.OpenRequest(processed_offset=processed_offset))
+    )
+    first = await call.read()
+    assert first.WhichOneof("frame") == "opened", first
+    device = Device(eid, device_id, call, first.opened)
+    device._reader = asyncio.create_task(device._read())
+    return device
+
+
+@contextlib.asynccontextmanager
+async def devices(
+    suite: Any, *names: str, channel: grpc.aio.Channel | None = None
+) -> AsyncIterator[list[Device]]:
+    """Open a stream for each "eid/device" name; close them all at the end."""
+    own = channel is None
+    channel = channel or suite.channel("messaging")
+    opened: list[Device] = []
+    try:
+        for name in names:
+            eid, device_id = name.split("/")
+            opened.append(await connect(channel, suite.token(eid, device_id), eid, device_id))
+        yield opened
+    finally:
+        for device in opened:
+            await device.close()
+        if own:
+            await channel.close()
