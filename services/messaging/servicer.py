@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 from sqlalchemy import select
 
 from bimip.common.v1 import common_pb2
@@ -142,12 +142,22 @@ class Messaging:
         await self.writer_engine.dispose()
 
     async def _committed(self, heads: dict[str, int], events: list[tuple[str, bytes]]) -> None:
+        """After a commit: wake this replica's streams, tell the other replicas (X5, X8)."""
         self.hub.log_grew(heads)
         items = [(log_channel(eid), str(head).encode()) for eid, head in heads.items()] + events
-        try:
-            await self.runtime.bus.publish_many(items)
-        except BusError as exc:
-            log.warning("messaging: %d notice(s) not published after commit: %s", len(items), exc)
+        with self.tracer.start_as_current_span(
+            "messaging publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis" if self.runtime.redis is not None else "in-process",
+                "messaging.operation.type": "publish",
+                "messaging.batch.message_count": len(items),
+            },
+        ):
+            try:
+                await self.runtime.bus.publish_many(items)
+            except BusError as exc:
+                log.warning("messaging: %d notice(s) not published after commit: %s", len(items), exc)
 
     async def _pass_over(self, stream: DeviceStream, offset: int) -> None:
         """M4: a device's cursor passes over its own entries and other devices' entries."""
@@ -264,13 +274,18 @@ class Messaging:
         )
 
     async def send(
-        self, principal: Principal, message: common_pb2.Message, parent: Context | None
+        self,
+        principal: Principal,
+        message: common_pb2.Message,
+        parent: Context | None,
+        links: Sequence[Link] = (),
     ) -> messaging_pb2.SendAck:
-        """M1–M3 for one message from the authenticated device."""
+        """M1–M3 for one message from the authenticated device; `parent` None = the current span."""
         with self.tracer.start_as_current_span(
             "messaging send",
             context=parent,
-            kind=SpanKind.SERVER if parent is None else SpanKind.INTERNAL,
+            kind=SpanKind.INTERNAL,
+            links=links,
             attributes={
                 "bimip.user": principal.eid,
                 "bimip.device": principal.device_id,
@@ -535,6 +550,8 @@ class _Session:
         self.principal = principal
         self.sender = common_pb2.Identity(eid=principal.eid, device_id=principal.device_id)
         self.acks: asyncio.Queue[tuple[int, int, Context | None]] = asyncio.Queue()
+        stream_span = trace.get_current_span().get_span_context()
+        self.links = [Link(stream_span)] if stream_span.is_valid else []
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, requests: AsyncIterator[messaging_pb2.ConnectRequest]) -> None:
@@ -614,8 +631,10 @@ class _Session:
             )
 
     async def _send(self, seq: int, message: common_pb2.Message, parent: Context | None) -> None:
+        # A message's trace is its own (the client's, if the frame carries one), linked to the
+        # stream's: a long-lived stream must not make one endless trace of every message.
         try:
-            ack = await self.core.send(self.principal, message, parent)
+            ack = await self.core.send(self.principal, message, parent or Context(), self.links)
         except BimipError as err:
             await self._error(seq, err)
             return
@@ -634,7 +653,8 @@ class _Session:
                 )
             with self.core.tracer.start_as_current_span(
                 "messaging mark",
-                context=parent,
+                context=parent or Context(),
+                links=self.links,
                 attributes={"bimip.user": stream.eid, "bimip.device": stream.device_id},
             ) as span:
                 updated = await self.core.writer.submit(
@@ -664,7 +684,8 @@ class _Session:
             self.core.check_command(command)
             with self.core.tracer.start_as_current_span(
                 "messaging command",
-                context=parent,
+                context=parent or Context(),
+                links=self.links,
                 attributes={
                     "bimip.user": stream.eid,
                     "bimip.device": stream.device_id,
@@ -699,7 +720,8 @@ class _Session:
                 target = stream.acked_position(offset)
                 with core.tracer.start_as_current_span(
                     "messaging ack",
-                    context=parent or context_of(stream.trace_of(offset)),
+                    context=parent or context_of(stream.trace_of(offset)) or Context(),
+                    links=self.links,
                     kind=SpanKind.CONSUMER,
                     attributes={
                         "messaging.system": "bimip",
