@@ -17,7 +17,6 @@ of users with a stream here and the device channels of those devices. A device c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -41,6 +40,7 @@ from bimip.core.pubsub import Bus, Subscription, consumer_span
 from bimip.messaging.v1 import messaging_pb2
 from services.messaging import store
 from services.messaging.ops import device_channel, log_channel
+from services.messaging.writer import chunks
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class DeviceStream:
         self.tracer = tracer
         self.out: asyncio.Queue[messaging_pb2.ConnectResponse | Closed] = asyncio.Queue(queue_size)
         self.redeliver_upto = 0
+        self._reached = cursor
         self._wake = asyncio.Event()
         self._grace_expired = False
         self._grace_task: asyncio.Task[None] | None = None
@@ -177,9 +178,11 @@ class DeviceStream:
             return
         self._closed = True
         self._wake.set()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.out.put_nowait(Closed(error))
-        # A full queue means the handler is still draining; it ends when it reads the flag.
+        if self.out.full():
+            # Make room for the end: what is dropped is a delivery (sent again to the next stream,
+            # from the cursor) or an answer the client gets again by retrying (sends are idempotent).
+            self.out.get_nowait()
+        self.out.put_nowait(Closed(error))
 
     @property
     def closed(self) -> bool:
@@ -247,6 +250,12 @@ class DeviceStream:
             return max(offset, nxt - 1) if nxt is not None else max(offset, self.scanned)
         return max(offset, self.scanned)
 
+    @property
+    def reached(self) -> int:
+        """How far acks and marks may go: everything up to here was sent to the device, passed over
+        for it, or acknowledged (a redelivery pass restarting from the cursor does not lower it)."""
+        return max(self._reached, self.scanned, self.cursor)
+
     def trace_of(self, offset: int) -> str | None:
         return self.traces.get(offset)
 
@@ -262,6 +271,7 @@ class DeviceStream:
                 if self._grace_expired:
                     self._grace_expired = False
                     if self.inflight:
+                        self._reached = self.reached
                         self.redeliver_upto = max(self.redeliver_upto, self.inflight[-1])
                         self.inflight.clear()
                         self.scanned = self.cursor
@@ -378,19 +388,26 @@ class Hub:
         self.by_user: dict[str, set[DeviceStream]] = {}
         self._subscription: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.advance: Advance = _no_advance
         self.delivered = 0
         self.redeliveries = 0
 
-    async def start(self) -> None:
+    async def start(self, recheck_interval: float, clock: Clock) -> None:
         self._subscription = await self.bus.subscribe()
         self._reader = asyncio.create_task(self._read(), name="messaging-hub")
+        self._recheck = asyncio.create_task(
+            self._recheck_forever(recheck_interval, clock), name="messaging-recheck"
+        )
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._recheck):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._reader, self._recheck) if t is not None), return_exceptions=True
+        )
         if self._subscription is not None:
             await self._subscription.close()
 
@@ -452,6 +469,25 @@ class Hub:
         for eid, head in heads.items():
             for stream in self.by_user.get(eid, ()):
                 stream.notify(head)
+
+    async def _recheck_forever(self, interval: float, clock: Clock) -> None:
+        """The safety net for a missed notice (X5): every interval, one query for the heads of all
+        users with a stream here wakes the streams that are behind."""
+        logs = store.logs
+        while True:
+            await clock.sleep(interval)
+            users = list(self.by_user)
+            try:
+                for chunk in chunks(users):
+                    async with self.engine.connect() as conn:
+                        rows = await conn.execute(
+                            select(logs.c.eid, logs.c.head).where(logs.c.eid.in_(chunk))
+                        )
+                    for eid, head in rows:
+                        for stream in self.by_user.get(eid, ()):
+                            stream.notify(head)
+            except Exception:
+                log.warning("hub: head re-check failed", exc_info=True)
 
     async def _read(self) -> None:
         assert self._subscription is not None

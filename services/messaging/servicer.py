@@ -129,7 +129,7 @@ class Messaging:
 
     async def start(self) -> None:
         self.writer.start()
-        await self.hub.start()
+        await self.hub.start(self.settings.heartbeat_interval_s, self.clock)
 
     async def stop(self) -> None:
         shutting = BimipError(
@@ -644,7 +644,7 @@ class _Session:
         stream = self.stream
         try:
             self.core.check_mark(mark)
-            received = max(stream.scanned, stream.cursor)
+            received = stream.reached
             if mark.WhichOneof("target") == "peer_range" and mark.peer_range.up_to_offset > received:
                 raise _out_of_range(
                     "NOT_RECEIVED",
@@ -708,7 +708,7 @@ class _Session:
         while True:
             offset, seq, parent = await self.acks.get()
             try:
-                if offset > stream.cursor and offset > stream.scanned:
+                if offset > stream.reached:
                     await self._check_passed_over(offset)
                 if offset <= stream.cursor:
                     await self._put(
@@ -753,7 +753,7 @@ class _Session:
         """M5, §5: an ack beyond what was sent is allowed only over the device's own (or other
         devices') entries right after what it was sent."""
         stream = self.stream
-        start = max(stream.scanned, stream.cursor)
+        start = stream.reached
         refuse = _out_of_range(
             "ACK_BEYOND_DELIVERED",
             "this ack covers entries the device was not sent",
@@ -763,7 +763,7 @@ class _Session:
             raise refuse
         rows = await read_log(self.core.engine, stream.eid, start, offset - start, upto=offset)
         if len(rows) != offset - start or any(r.visible_to(stream.eid, stream.device_id) for r in rows):
-            if offset <= max(stream.scanned, stream.cursor):  # the pump caught up meanwhile
+            if offset <= stream.reached:  # the pump caught up meanwhile
                 return
             raise refuse
 
@@ -777,8 +777,6 @@ class _Session:
                 with contextlib.suppress(Exception):
                     await redis.set(key, stream.sid, ex=max(1, int(interval * 3)))
             await core.clock.sleep(interval)
-            # Also the safety net for a missed notice: the pump re-reads storage (X5).
-            stream.wake()
             await self._put(
                 messaging_pb2.ConnectResponse(
                     heartbeat=common_pb2.Heartbeat(sent_at=timestamp(core.clock.now()))
