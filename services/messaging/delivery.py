@@ -232,7 +232,9 @@ class DeviceStream:
             return
         self.cursor = cursor
         while self.inflight and self.inflight[0] <= cursor:
-            self.traces.pop(self.inflight.popleft(), None)
+            self.inflight.popleft()
+        for offset in [o for o in self.traces if o <= cursor]:
+            del self.traces[offset]
         if self.scanned < cursor:
             self.scanned = cursor
         if self.inflight:

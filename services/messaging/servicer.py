@@ -408,9 +408,16 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
         core = self.core
         principal = current_principal()
         try:
-            first = await anext(request_iterator)
+            async with asyncio.timeout(core.settings.heartbeat_interval_s * 3):
+                first = await anext(request_iterator)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            await BimipError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "OPEN_REQUIRED",
+                "no `open` frame within three heartbeat intervals",
+            ).abort(context)
         if first.WhichOneof("frame") != "open":
             await BimipError(
                 grpc.StatusCode.FAILED_PRECONDITION,

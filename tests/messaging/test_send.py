@@ -258,3 +258,13 @@ async def test_frames_after_replacement_are_not_processed(suite: Suite) -> None:
         finally:
             await old.close()
             await new.close()
+
+
+async def test_a_stream_without_open_is_closed(backend: Backend, tmp_path: Path) -> None:
+    async with running_suite(backend, tmp_path, ["messaging"], BIMIP_HEARTBEAT_INTERVAL_S="0.1") as suite:
+        async with suite.channel("messaging") as channel:
+            call = messaging_pb2_grpc.MessagingServiceStub(channel).Connect(metadata=_auth(suite, A, "a1"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason_of(err.value) == "OPEN_REQUIRED"
