@@ -67,6 +67,9 @@ MAX_APPEND_BATCH = 1000
 MAX_PAGE_SIZE = 1000
 SEEN_REFRESH_S = 60.0
 MAX_ACK_LOOKAHEAD = 10_000
+_DELETE_IF_MINE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
 
 
 def _out_of_range(reason: str, message: str, **metadata: str) -> BimipError:
@@ -574,9 +577,11 @@ class _Session:
         await self.stream.stop()
         await self.core.hub.unregister(self.stream)
         redis = self.core.runtime.redis
-        if redis is not None and self.core.hub.local(self.stream.eid, self.stream.device_id) is None:
+        if redis is not None:
+            # Only this stream's own mark: a newer stream (on any replica) may have set it since.
             with contextlib.suppress(Exception):
-                await redis.delete(self.core.connection_key(self.stream.eid, self.stream.device_id))
+                key = self.core.connection_key(self.stream.eid, self.stream.device_id)
+                await redis.eval(_DELETE_IF_MINE, 1, key, self.stream.sid)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
