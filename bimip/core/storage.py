@@ -90,7 +90,13 @@ def _create_sqlite_engine(url: str, *, immediate: bool = False) -> AsyncEngine:
     if not in_memory and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     # One shared connection for an in-memory database: each new connection would be a new, empty one.
-    engine = create_async_engine(url, poolclass=StaticPool) if in_memory else create_async_engine(url)
+    # Connections are cheap to keep and dear to open (a thread and the PRAGMAs each): keep enough
+    # for the readers of many streams at once rather than closing the overflow after each use.
+    engine = (
+        create_async_engine(url, poolclass=StaticPool)
+        if in_memory
+        else create_async_engine(url, pool_size=1 if immediate else 20, max_overflow=1 if immediate else 20)
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -22,9 +22,9 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import propagate, trace
@@ -45,6 +45,8 @@ from services.messaging.writer import chunks
 log = logging.getLogger(__name__)
 
 PAGE = 256
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,8 @@ class DeviceStream:
         self.cursor = cursor
         self.scanned = cursor  # everything up to here was sent or passed over in this pass
         self.inflight: deque[int] = deque()
-        self.traces: dict[int, str | None] = {}
+        self.traces: dict[int, str | None] = {}  # sent and unacknowledged: offset -> traceparent
+        self.received: dict[int, str] = {}  # of those, messages from other users: offset -> signal_id
         self.window = window
         self.grace = grace
         self.clock = clock
@@ -163,14 +166,14 @@ class DeviceStream:
         self._pump_task = asyncio.create_task(self._pump(), name=f"deliver-{self.eid}/{self.device_id}")
         self.wake()
 
-    async def stop(self) -> None:
+    def cancel(self) -> list[asyncio.Task[None]]:
+        """Stop the stream's tasks now (no await, so a cancelled caller cannot leave them running);
+        returns them to be awaited."""
         self._closed = True
-        for task in (self._pump_task, self._grace_task):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._pump_task, self._grace_task) if t is not None), return_exceptions=True
-        )
+        tasks = [t for t in (self._pump_task, self._grace_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     def end(self, error: BimipError | None) -> None:
         """End the stream with `error` (replaced, shutting down), or normally with None."""
@@ -235,6 +238,7 @@ class DeviceStream:
             self.inflight.popleft()
         for offset in [o for o in self.traces if o <= cursor]:
             del self.traces[offset]
+            self.received.pop(offset, None)
         if self.scanned < cursor:
             self.scanned = cursor
         if self.inflight:
@@ -257,6 +261,10 @@ class DeviceStream:
         """How far acks and marks may go: everything up to here was sent to the device, passed over
         for it, or acknowledged (a redelivery pass restarting from the cursor does not lower it)."""
         return max(self._reached, self.scanned, self.cursor)
+
+    def received_upto(self, offset: int) -> list[str]:
+        """The messages from other users this stream sent, up to `offset`, not yet acknowledged."""
+        return [signal_id for o, signal_id in self.received.items() if o <= offset]
 
     def trace_of(self, offset: int) -> str | None:
         return self.traces.get(offset)
@@ -295,7 +303,7 @@ class DeviceStream:
 
     async def _fill(self) -> None:
         while len(self.inflight) < self.window and not self._closed:
-            rows = await read_log(self.hub.engine, self.eid, self.scanned, PAGE)
+            rows = await self.hub.read_log(self.eid, self.scanned, PAGE)
             for row in rows:
                 if not row.visible_to(self.eid, self.device_id):
                     self.scanned = row.offset
@@ -305,6 +313,8 @@ class DeviceStream:
                 await self._send(row, redelivery=row.offset <= self.redeliver_upto)
                 self.inflight.append(row.offset)
                 self.traces[row.offset] = row.trace_context
+                if row.kind == store.KIND_MESSAGE and row.author_eid != self.eid:
+                    self.received[row.offset] = row.signal_id
                 self.scanned = row.offset
                 if self._grace_task is None:
                     self._restart_grace()
@@ -341,7 +351,7 @@ class DeviceStream:
         count, position = 0, after
         upto = await self.hub.head(self.eid)
         while not self._closed:
-            rows = await read_log(self.hub.engine, self.eid, position, PAGE, peer_eid=peer, upto=upto)
+            rows = await self.hub.read_log(self.eid, position, PAGE, peer_eid=peer, upto=upto)
             for row in rows:
                 position = row.offset
                 if row.target_device is not None and row.target_device != self.device_id:
@@ -391,6 +401,7 @@ class Hub:
         self._subscription: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
+        self._reads: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
         self.advance: Advance = _no_advance
         self.delivered = 0
@@ -413,11 +424,37 @@ class Hub:
         if self._subscription is not None:
             await self._subscription.close()
 
+    async def shielded(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a database read so that cancelling the caller does not cancel the read: a read cut
+        off mid-query would make the driver tear its connection down. `drain` waits for them."""
+        task = asyncio.ensure_future(work)
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for the reads still running (at shutdown, before the engine goes)."""
+        await asyncio.gather(*list(self._reads), return_exceptions=True)
+
+    async def read_log(
+        self, eid: str, after: int, limit: int, *, peer_eid: str | None = None, upto: int | None = None
+    ) -> list[Row]:
+        return await self.shielded(read_log(self.engine, eid, after, limit, peer_eid=peer_eid, upto=upto))
+
     async def head(self, eid: str) -> int:
+        return await self.shielded(self._head(eid))
+
+    async def _head(self, eid: str) -> int:
         logs = store.logs
         async with self.engine.connect() as conn:
             head = (await conn.execute(select(logs.c.head).where(logs.c.eid == eid))).scalar()
         return int(head or 0)
+
+    async def _heads(self, eids: list[str]) -> list[tuple[str, int]]:
+        logs = store.logs
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(logs.c.eid, logs.c.head).where(logs.c.eid.in_(eids)))
+            return [(eid, head) for eid, head in rows]
 
     async def register(self, stream: DeviceStream) -> None:
         """Make `stream` the device's one stream: end any older one, here or on another replica."""
@@ -475,17 +512,12 @@ class Hub:
     async def _recheck_forever(self, interval: float, clock: Clock) -> None:
         """The safety net for a missed notice (X5): every interval, one query for the heads of all
         users with a stream here wakes the streams that are behind."""
-        logs = store.logs
         while True:
             await clock.sleep(interval)
             users = list(self.by_user)
             try:
                 for chunk in chunks(users):
-                    async with self.engine.connect() as conn:
-                        rows = await conn.execute(
-                            select(logs.c.eid, logs.c.head).where(logs.c.eid.in_(chunk))
-                        )
-                    for eid, head in rows:
+                    for eid, head in await self.shielded(self._heads(chunk)):
                         for stream in self.by_user.get(eid, ()):
                             stream.notify(head)
             except Exception:

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.context import Context
-from sqlalchemy import and_, bindparam, delete, exists, func, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 
 from bimip.common.v1 import common_pb2
 from bimip.core.errors import BimipError
@@ -90,29 +90,35 @@ async def prepare_batch(tx: Tx, ops: Sequence[Op]) -> None:
     tx.cache["sends"], tx.cache["blocked"] = keys, blocked
     if not send_ops:
         return
-    wanted = list({(op.sender.eid, op.message.client_id) for op in send_ops})
+    # Two plain IN lists rather than a row-value IN, which SQLite answers with a full scan; the
+    # few extra rows the cross product may bring are filtered out here.
+    wanted = {(op.sender.eid, op.message.client_id) for op in send_ops}
     s = store.sends
-    for chunk in chunks(wanted):
+    senders = sorted({eid for eid, _ in wanted})
+    for chunk in chunks(sorted({client_id for _, client_id in wanted})):
         rows = await tx.conn.execute(
             select(
                 s.c.sender_eid, s.c.client_id, s.c.signal_id, s.c.offset, s.c.server_time, s.c.content_hash
-            ).where(tuple_(s.c.sender_eid, s.c.client_id).in_(chunk))
+            ).where(s.c.sender_eid.in_(senders), s.c.client_id.in_(chunk))
         )
         for row in rows:
-            keys[(row.sender_eid, row.client_id)] = _Key(
-                row.signal_id, row.server_time, row.content_hash, row.offset
-            )
+            if (row.sender_eid, row.client_id) in wanted:
+                keys[(row.sender_eid, row.client_id)] = _Key(
+                    row.signal_id, row.server_time, row.content_hash, row.offset
+                )
     pairs = {(op.sender.eid, op.message.recipient.eid) for op in send_ops}
-    pairs = {p for p in pairs if p[0] != p[1]}
-    both = list(pairs | {(b, a) for a, b in pairs})
+    both = {p for p in pairs | {(b, a) for a, b in pairs} if p[0] != p[1]}
+    if not both:
+        return
     b = store.blocks
-    for chunk in chunks(both):
+    blockers = sorted({p[0] for p in both})
+    for chunk in chunks(sorted({p[1] for p in both})):
         rows = await tx.conn.execute(
             select(b.c.blocker_eid, b.c.blocked_eid).where(
-                tuple_(b.c.blocker_eid, b.c.blocked_eid).in_(chunk)
+                b.c.blocker_eid.in_(blockers), b.c.blocked_eid.in_(chunk)
             )
         )
-        blocked.update((row.blocker_eid, row.blocked_eid) for row in rows)
+        blocked.update(r for r in ((row.blocker_eid, row.blocked_eid) for row in rows) if r in both)
 
 
 @dataclass(eq=False)
@@ -363,52 +369,123 @@ def _visible_to(device_id: str) -> Any:
     return (e.c.target_device.is_(None)) | (e.c.target_device == device_id)
 
 
+@dataclass
+class _Acks:
+    """The acks of one batch, written with a few bulk statements (see `Tx.batched`)."""
+
+    cursors: dict[tuple[str, str], int] = field(default_factory=dict)
+    delivered: dict[str, tuple[str, str]] = field(default_factory=dict)  # signal_id -> first (eid, device)
+    pairs: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def add(self, eid: str, device_id: str, offset: int, received: Sequence[str]) -> None:
+        key = (eid, device_id)
+        self.cursors[key] = max(offset, self.cursors.get(key, 0))
+        for signal_id in received:
+            self.delivered.setdefault(signal_id, key)
+            self.pairs.add((signal_id, eid, device_id))
+
+    async def flush(self, tx: Tx) -> None:
+        d, st, m = store.devices, store.statuses, store.messages
+        now = tx.now
+        if self.cursors:
+            await tx.conn.execute(
+                update(d)
+                .where(
+                    d.c.eid == bindparam("b_eid"),
+                    d.c.device_id == bindparam("b_device"),
+                    d.c.cursor < bindparam("b_cursor"),
+                )
+                .values(cursor=bindparam("b_cursor"), last_seen_at=now),
+                [
+                    {"b_eid": e, "b_device": dev, "b_cursor": c}
+                    for (e, dev), c in sorted(self.cursors.items())
+                ],
+            )
+        if not self.pairs:
+            return
+        # DELIVERED is the first status a device can have: an existing row is already at least that.
+        await tx.conn.execute(
+            tx.upsert(st).on_conflict_do_nothing(),
+            [
+                {"signal_id": s, "eid": e, "device_id": dev, "status": DELIVERED, "delivered_at": now}
+                for s, e, dev in sorted(self.pairs)
+            ],
+        )
+        # The aggregate moves at most once to DELIVERED: the guarded UPDATE returns the rows it moved,
+        # and on PostgreSQL a concurrent transaction re-checks the guard after this one commits.
+        for chunk in chunks(sorted(self.delivered)):
+            moved = await tx.conn.execute(
+                update(m)
+                .where(m.c.signal_id.in_(chunk), m.c.status < DELIVERED)
+                .values(status=DELIVERED, delivered_at=now)
+                .returning(m.c.signal_id, m.c.client_id, m.c.sender_eid, m.c.trace_context)
+            )
+            for row in sorted(moved, key=lambda r: r.signal_id):
+                by = _identity(*self.delivered[row.signal_id])
+                receipt = common_pb2.Receipt(
+                    signal_id=row.signal_id,
+                    client_id=row.client_id,
+                    status=DELIVERED,
+                    by=by,
+                    at=timestamp(now),
+                )
+                tx.append(
+                    row.sender_eid,
+                    common_pb2.Entry(peer_eid=by.eid, author=by, created_at=timestamp(now), receipt=receipt),
+                    kind=store.KIND_RECEIPT,
+                    signal_id=row.signal_id,
+                    trace_context=row.trace_context,
+                )
+
+
 @dataclass(eq=False)
 class AckOp:
     """M5: move a device's cursor forward to `offset`; received messages it covers become DELIVERED.
 
-    The caller has checked that the device may ack that far. Answers the cursor after the op.
+    The caller has checked that the device may ack that far. `received` names the messages from
+    other users the device was sent up to `offset` when the stream knows them; otherwise they are
+    read from the log. Answers the cursor after the op.
     """
 
     eid: str
     device_id: str
     offset: int
+    received: Sequence[str] | None = None
     context: Context | None = None
     announce: bool = False
     name: str = "ack"
 
     async def apply(self, tx: Tx) -> Result:
-        d, e = store.devices, store.entries
-        row = (
-            await tx.conn.execute(
-                tx.lock(select(d.c.cursor).where(d.c.eid == self.eid, d.c.device_id == self.device_id))
-            )
-        ).first()
-        if row is None:
-            raise BimipError(grpc.StatusCode.NOT_FOUND, "DEVICE_UNKNOWN", "the device has never connected")
-        cursor: int = row.cursor
-        if self.offset <= cursor:
-            return lambda: cursor
-        received = [
-            r.signal_id
-            for r in await tx.conn.execute(
-                select(e.c.signal_id).where(
-                    e.c.eid == self.eid,
-                    e.c.offset > cursor,
-                    e.c.offset <= self.offset,
-                    e.c.kind == store.KIND_MESSAGE,
-                    e.c.author_eid != self.eid,
-                    _visible_to(self.device_id),
+        acks = tx.batched("acks", _Acks)
+        received = self.received
+        if received is None:
+            d, e = store.devices, store.entries
+            row = (
+                await tx.conn.execute(
+                    select(d.c.cursor).where(d.c.eid == self.eid, d.c.device_id == self.device_id)
                 )
-            )
-        ]
-        await tx.conn.execute(
-            update(d)
-            .where(d.c.eid == self.eid, d.c.device_id == self.device_id)
-            .values(cursor=self.offset, last_seen_at=tx.now)
-        )
-        if received:
-            await record_statuses(tx, self.eid, self.device_id, received, DELIVERED)
+            ).first()
+            if row is None:
+                raise BimipError(
+                    grpc.StatusCode.NOT_FOUND, "DEVICE_UNKNOWN", "the device has never connected"
+                )
+            cursor: int = max(row.cursor, acks.cursors.get((self.eid, self.device_id), 0))
+            if self.offset <= cursor:
+                return lambda: cursor
+            received = [
+                r.signal_id
+                for r in await tx.conn.execute(
+                    select(e.c.signal_id).where(
+                        e.c.eid == self.eid,
+                        e.c.offset > cursor,
+                        e.c.offset <= self.offset,
+                        e.c.kind == store.KIND_MESSAGE,
+                        e.c.author_eid != self.eid,
+                        _visible_to(self.device_id),
+                    )
+                )
+            ]
+        acks.add(self.eid, self.device_id, self.offset, received)
         if self.announce:
             tx.publish(
                 device_channel(self.eid, self.device_id),

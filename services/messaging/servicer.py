@@ -36,7 +36,6 @@ from services.messaging.delivery import (
     DeviceStream,
     Hub,
     context_of,
-    read_log,
     traceparent_of,
 )
 from services.messaging.ops import (
@@ -128,7 +127,8 @@ class Messaging:
         self.retention = timedelta(days=settings.device_retention_days)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._seen: dict[tuple[str, str], float] = {}
-        self.connections: set[asyncio.Task[Any]] = set()
+        self.sessions: set[_Session] = set()
+        self.links: set[_LogLink] = set()
 
     async def start(self) -> None:
         self.writer.start()
@@ -140,6 +140,11 @@ class Messaging:
         )
         for stream in list(self.hub.streams.values()):
             stream.end(shutting)
+        # Nothing of a stream may still read or write once the engines are disposed.
+        tasks = [t for session in list(self.sessions) for t in session.cancel()]
+        tasks += [t for link in list(self.links) for t in link.cancel()]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.hub.drain()
         await self.writer.stop()
         await self.hub.stop()
         await self.writer_engine.dispose()
@@ -166,7 +171,9 @@ class Messaging:
         """M4: a device's cursor passes over its own entries and other devices' entries."""
         stream.pending_cursor = offset
         try:
-            cursor = await self.writer.submit(AckOp(stream.eid, stream.device_id, offset))
+            cursor = await self.writer.submit(
+                AckOp(stream.eid, stream.device_id, offset, received=stream.received_upto(offset))
+            )
         finally:
             stream.pending_cursor = None
         stream.cursor_moved(cursor)
@@ -348,17 +355,8 @@ class Messaging:
 
     async def device_statuses(self, eid: str) -> messaging_pb2.GetCommitOffsetResponse:
         """M10: the unified commit offset and every device's position."""
-        d, logs = store.devices, store.logs
         cutoff = self.clock.now() - self.retention
-        async with self.engine.connect() as conn:
-            rows = list(
-                await conn.execute(
-                    select(d.c.device_id, d.c.cursor, d.c.last_seen_at)
-                    .where(d.c.eid == eid)
-                    .order_by(d.c.device_id)
-                )
-            )
-            head = (await conn.execute(select(logs.c.head).where(logs.c.eid == eid))).scalar()
+        rows, head = await self.hub.shielded(self._device_rows(eid))
         response = messaging_pb2.GetCommitOffsetResponse(head=int(head or 0))
         active = []
         for row in rows:
@@ -375,6 +373,46 @@ class Messaging:
             )
         response.commit_offset = min(active) if active else 0
         return response
+
+    async def _device_rows(self, eid: str) -> tuple[list[Any], int | None]:
+        d, logs = store.devices, store.logs
+        async with self.engine.connect() as conn:
+            rows = list(
+                await conn.execute(
+                    select(d.c.device_id, d.c.cursor, d.c.last_seen_at)
+                    .where(d.c.eid == eid)
+                    .order_by(d.c.device_id)
+                )
+            )
+            head = (await conn.execute(select(logs.c.head).where(logs.c.eid == eid))).scalar()
+        return rows, head
+
+    async def log_bounds(self, eid: str) -> tuple[int, int]:
+        """A log's head and first retained offset."""
+
+        async def read() -> tuple[int, int]:
+            logs = store.logs
+            async with self.engine.connect() as conn:
+                row = (
+                    await conn.execute(select(logs.c.head, logs.c.first_offset).where(logs.c.eid == eid))
+                ).first()
+            return (row.head, row.first_offset) if row is not None else (0, 1)
+
+        return await self.hub.shielded(read())
+
+    async def message_rows(self, signal_id: str) -> tuple[Any, list[Any]]:
+        """A message's row and its per-device status rows."""
+
+        async def read() -> tuple[Any, list[Any]]:
+            m, st = store.messages, store.statuses
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(m).where(m.c.signal_id == signal_id))).first()
+                devices = list(
+                    await conn.execute(select(st).where(st.c.signal_id == signal_id).order_by(st.c.device_id))
+                )
+            return row, devices
+
+        return await self.hub.shielded(read())
 
     async def connected(self, eid: str, device_id: str) -> bool:
         """Whether the device has a stream here or (with Redis) on another replica."""
@@ -461,6 +499,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             )
         await core.hub.register(stream)
         session = _Session(core, stream, principal)
+        core.sessions.add(session)
         try:
             yield messaging_pb2.ConnectResponse(
                 seq=first.seq,
@@ -503,19 +542,12 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             await core.device_seen(principal.eid, principal.device_id)
             if not request.signal_id or len(request.signal_id.encode()) > MAX_SIGNAL_ID_BYTES:
                 raise invalid("INVALID_SIGNAL_ID", "signal_id is empty or too long", field="signal_id")
-            m, st = store.messages, store.statuses
-            async with core.engine.connect() as conn:
-                row = (await conn.execute(select(m).where(m.c.signal_id == request.signal_id))).first()
-                if row is None or principal.eid not in (row.sender_eid, row.recipient_eid):
-                    raise BimipError(
-                        grpc.StatusCode.NOT_FOUND,
-                        "MESSAGE_NOT_FOUND",
-                        "no message with this signal_id between you and anyone",
-                    )
-                devices = list(
-                    await conn.execute(
-                        select(st).where(st.c.signal_id == request.signal_id).order_by(st.c.device_id)
-                    )
+            row, devices = await core.message_rows(request.signal_id)
+            if row is None or principal.eid not in (row.sender_eid, row.recipient_eid):
+                raise BimipError(
+                    grpc.StatusCode.NOT_FOUND,
+                    "MESSAGE_NOT_FOUND",
+                    "no message with this signal_id between you and anyone",
                 )
         except BimipError as err:
             await err.abort(context)
@@ -569,12 +601,17 @@ class _Session:
         for coro in (self._read(requests), self._ack_loop(), self._heartbeat()):
             self._spawn(coro)
 
-    async def close(self) -> None:
+    def cancel(self) -> list[asyncio.Task[Any]]:
+        """Stop everything this stream runs, at once; returns the tasks to await."""
         self.stream.end(None)
-        for task in list(self.tasks):
+        tasks = [*self.tasks, *self.stream.cancel()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.stream.stop()
+        return tasks
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.cancel(), return_exceptions=True)
+        self.core.sessions.discard(self)
         await self.core.hub.unregister(self.stream)
         redis = self.core.runtime.redis
         if redis is not None:
@@ -716,50 +753,63 @@ class _Session:
         await self._put(messaging_pb2.ConnectResponse(seq=seq, command_result=result))
 
     async def _ack_loop(self) -> None:
+        """Acks in order; those that queue up while one is written are written as one (the highest)."""
         stream, core = self.stream, self.core
         while True:
-            offset, seq, parent = await self.acks.get()
-            try:
-                if offset > stream.reached:
-                    await self._check_passed_over(offset)
-                if offset <= stream.cursor:
-                    await self._put(
-                        messaging_pb2.ConnectResponse(
-                            seq=seq, cursor=messaging_pb2.CursorUpdate(cursor=stream.cursor)
-                        )
-                    )
+            pending = [await self.acks.get()]
+            while not self.acks.empty():
+                pending.append(self.acks.get_nowait())
+            accepted: list[int] = []
+            highest, parent = stream.cursor, None
+            for offset, seq, frame_parent in pending:
+                try:
+                    if offset > stream.reached:
+                        await self._check_passed_over(offset)
+                except BimipError as err:
+                    await self._error(seq, err)
                     continue
-                target = stream.acked_position(offset)
+                accepted.append(seq)
+                if offset > highest:
+                    highest, parent = offset, frame_parent or context_of(stream.trace_of(offset))
+            if highest > stream.cursor:
+                target = stream.acked_position(highest)
                 with core.tracer.start_as_current_span(
                     "messaging ack",
-                    context=parent or context_of(stream.trace_of(offset)) or Context(),
-                    links=self.links,
+                    context=parent or Context(),
                     kind=SpanKind.CONSUMER,
+                    links=self.links,
                     attributes={
                         "messaging.system": "bimip",
                         "messaging.operation.type": "settle",
                         "bimip.user": stream.eid,
                         "bimip.device": stream.device_id,
-                        "bimip.offset": offset,
+                        "bimip.offset": highest,
                     },
                 ) as span:
                     stream.pending_cursor = target
                     try:
                         cursor = await core.writer.submit(
                             AckOp(
-                                stream.eid, stream.device_id, target, context=trace.set_span_in_context(span)
+                                stream.eid,
+                                stream.device_id,
+                                target,
+                                received=stream.received_upto(target),
+                                context=trace.set_span_in_context(span),
                             )
                         )
+                    except BimipError as err:
+                        for seq in accepted:
+                            await self._error(seq, err)
+                        continue
                     finally:
                         stream.pending_cursor = None
                 stream.cursor_moved(cursor)
+            for seq in accepted:
                 await self._put(
                     messaging_pb2.ConnectResponse(
                         seq=seq, cursor=messaging_pb2.CursorUpdate(cursor=stream.cursor)
                     )
                 )
-            except BimipError as err:
-                await self._error(seq, err)
 
     async def _check_passed_over(self, offset: int) -> None:
         """M5, §5: an ack beyond what was sent is allowed only over the device's own (or other
@@ -773,7 +823,7 @@ class _Session:
         )
         if offset - start > MAX_ACK_LOOKAHEAD:
             raise refuse
-        rows = await read_log(self.core.engine, stream.eid, start, offset - start, upto=offset)
+        rows = await self.core.hub.read_log(stream.eid, start, offset - start, upto=offset)
         if len(rows) != offset - start or any(r.visible_to(stream.eid, stream.device_id) for r in rows):
             if offset <= stream.reached:  # the pump caught up meanwhile
                 return
@@ -865,6 +915,7 @@ class MessagingInternalServicer(internal_pb2_grpc.MessagingInternalServiceServic
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[internal_pb2.LogLinkResponse]:
         link = _LogLink(self.core)
+        self.core.links.add(link)
         reader = asyncio.ensure_future(link.read(request_iterator))
         try:
             while True:
@@ -887,10 +938,15 @@ class _LogLink:
         self.credits: dict[int, asyncio.Semaphore] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    async def close(self) -> None:
-        for task in list(self.tasks):
+    def cancel(self) -> list[asyncio.Task[Any]]:
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        return tasks
+
+    async def close(self) -> None:
+        await asyncio.gather(*self.cancel(), return_exceptions=True)
+        self.core.links.discard(self)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -964,14 +1020,7 @@ class _LogLink:
                 raise invalid("INVALID_PAGE_SIZE", f"page_size is 1..{MAX_PAGE_SIZE}", field="page_size")
             if read.peer_eid and eid_problem(read.peer_eid) is not None:
                 raise invalid("INVALID_EID", "peer_eid is malformed", field="peer_eid")
-            logs = store.logs
-            async with core.engine.connect() as conn:
-                row = (
-                    await conn.execute(
-                        select(logs.c.head, logs.c.first_offset).where(logs.c.eid == reader.eid)
-                    )
-                ).first()
-            head, first = (row.head, row.first_offset) if row is not None else (0, 1)
+            head, first = await core.log_bounds(reader.eid)
             if read.after_offset > head or read.after_offset < first - 1:
                 raise BimipError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -984,8 +1033,8 @@ class _LogLink:
             everything = read.include_all or not reader.device_id
             while True:
                 await semaphore.acquire()
-                rows = await read_log(
-                    core.engine, reader.eid, position, page_size, peer_eid=read.peer_eid or None, upto=head
+                rows = await core.hub.read_log(
+                    reader.eid, position, page_size, peer_eid=read.peer_eid or None, upto=head
                 )
                 page = internal_pb2.LogPage(head=head, first_offset=first)
                 for r in rows:
