@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run test lint proto proto-check proto-breaking fmt clean
+.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -44,6 +44,10 @@ proto-breaking: setup  ## buf breaking against the proto version recorded in pro
 	@if [ -s protos/BASELINE ]; then \
 	  $(BIN)/buf breaking protos --against ".git#ref=$$(cat protos/BASELINE),subdir=protos"; \
 	else echo "protos/BASELINE is empty: no released proto version to compare with"; fi
+
+BENCH_ARGS ?=
+bench: setup  ## messaging benchmark, reference workload, embedded backend (~1.5 min); BENCH_ARGS="--backend scale"
+	$(BIN)/python -m bench.messaging $(BENCH_ARGS)
 
 fmt: setup
 	$(BIN)/ruff format .

@@ -1,0 +1,1 @@
+"""Benchmarks of BIMIP: `python -m bench.messaging` (see BENCHMARKS.md)."""
