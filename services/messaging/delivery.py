@@ -22,14 +22,14 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, Tracer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -40,11 +40,12 @@ from bimip.core.pubsub import Bus, Subscription, consumer_span
 from bimip.messaging.v1 import messaging_pb2
 from services.messaging import store
 from services.messaging.ops import device_channel, log_channel
-from services.messaging.writer import chunks
+from services.messaging.writer import Append, chunks
 
 log = logging.getLogger(__name__)
 
 PAGE = 256
+TAIL = 1024  # recent entries kept per user with a stream here
 
 T = TypeVar("T")
 
@@ -59,6 +60,20 @@ class Row:
     signal_id: str
     trace_context: str | None
     body: bytes
+
+    @classmethod
+    def of(cls, append: Append) -> Row:
+        author = append.entry.author
+        return cls(
+            append.offset,
+            append.kind,
+            author.eid,
+            author.device_id,
+            append.target_device,
+            append.signal_id,
+            append.trace_context,
+            append.body,
+        )
 
     def visible_to(self, eid: str, device_id: str) -> bool:
         """M4: not the device's own entry, and not an entry for another device."""
@@ -101,13 +116,28 @@ async def read_log(
 
 
 def context_of(traceparent: str | None) -> Context | None:
-    return propagate.extract({"traceparent": traceparent}) if traceparent else None
+    """The context of a stored W3C `traceparent` ("00-<trace id>-<span id>-<flags>"), parsed
+    directly: this runs for every delivery, and the generic propagator costs several times more."""
+    if not traceparent or len(traceparent) != 55 or traceparent[:3] != "00-":
+        return None
+    try:
+        span = SpanContext(
+            trace_id=int(traceparent[3:35], 16),
+            span_id=int(traceparent[36:52], 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(traceparent[53:55], 16)),
+        )
+    except ValueError:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(span)) if span.is_valid else None
 
 
 def traceparent_of(context: Context | None = None) -> str | None:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=context)
-    return carrier.get("traceparent")
+    """The W3C `traceparent` of the span in `context` (default: the current one), or None."""
+    span = trace.get_current_span(context).get_span_context()
+    if not span.is_valid:
+        return None
+    return f"00-{span.trace_id:032x}-{span.span_id:016x}-{int(span.trace_flags):02x}"
 
 
 @dataclass(frozen=True)
@@ -303,7 +333,14 @@ class DeviceStream:
 
     async def _fill(self) -> None:
         while len(self.inflight) < self.window and not self._closed:
-            rows = await self.hub.read_log(self.eid, self.scanned, PAGE)
+            rows = self.hub.cached(self.eid, self.scanned, PAGE)
+            if rows is None:
+                if self.scanned >= self.hub.known_head(self.eid):
+                    return
+                rows = await self.hub.read_log(self.eid, self.scanned, PAGE)
+                self.hub.remember(self.eid, rows, complete=len(rows) < PAGE, after=self.scanned)
+                if not rows:
+                    return
             for row in rows:
                 if not row.visible_to(self.eid, self.device_id):
                     self.scanned = row.offset
@@ -318,8 +355,6 @@ class DeviceStream:
                 self.scanned = row.offset
                 if self._grace_task is None:
                     self._restart_grace()
-            if len(rows) < PAGE:
-                return
 
     async def _send(self, row: Row, *, redelivery: bool = False, replay: bool = False) -> None:
         entry = common_pb2.Entry.FromString(row.body)
@@ -402,6 +437,8 @@ class Hub:
         self._reader: asyncio.Task[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
         self._reads: set[asyncio.Task[Any]] = set()
+        self._heads: dict[str, int] = {}
+        self._tails: dict[str, deque[Row]] = {}
         self._lock = asyncio.Lock()
         self.advance: Advance = _no_advance
         self.delivered = 0
@@ -450,7 +487,7 @@ class Hub:
             head = (await conn.execute(select(logs.c.head).where(logs.c.eid == eid))).scalar()
         return int(head or 0)
 
-    async def _heads(self, eids: list[str]) -> list[tuple[str, int]]:
+    async def _read_heads(self, eids: list[str]) -> list[tuple[str, int]]:
         logs = store.logs
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(logs.c.eid, logs.c.head).where(logs.c.eid.in_(eids)))
@@ -499,15 +536,67 @@ class Hub:
             users.discard(stream)
             if not users:
                 del self.by_user[stream.eid]
+                self._tails.pop(stream.eid, None)
+                self._heads.pop(stream.eid, None)
 
     def local(self, eid: str, device_id: str) -> DeviceStream | None:
         return self.streams.get((eid, device_id))
 
-    def log_grew(self, heads: dict[str, int]) -> None:
-        """This replica's writer committed: wake local streams at once (the bus tells the others)."""
+    def log_grew(self, heads: dict[str, int], rows: Sequence[tuple[str, Row]] = ()) -> None:
+        """This replica's writer committed: keep the new entries of users with a stream here and
+        wake those streams at once (the bus tells the other replicas)."""
+        by_eid: dict[str, list[Row]] = {}
+        for eid, row in rows:
+            if eid in self.by_user:
+                by_eid.setdefault(eid, []).append(row)
+        for eid, new in by_eid.items():
+            self.remember(eid, sorted(new, key=lambda r: r.offset))
         for eid, head in heads.items():
+            self.saw_head(eid, head)
+
+    # --- the recent entries of users with a stream here ------------------------------------------
+    # Every device stream of a user reads the same new entries: keep the latest of them in memory,
+    # fed by this replica's commits and by the streams' own reads, so that most deliveries need no
+    # read at all. Offsets in a tail are consecutive; anything that does not follow on restarts it,
+    # and whatever a tail does not hold is read from storage (the log is the truth).
+
+    def known_head(self, eid: str) -> int:
+        """The highest head this replica has heard of for `eid` (from commits, notices, reads)."""
+        return self._heads.get(eid, 1 << 62)
+
+    def saw_head(self, eid: str, head: int) -> None:
+        if eid in self.by_user:
+            if head > self._heads.get(eid, 0):
+                self._heads[eid] = head
             for stream in self.by_user.get(eid, ()):
                 stream.notify(head)
+
+    def cached(self, eid: str, after: int, limit: int) -> list[Row] | None:
+        """Up to `limit` entries after `after` from memory, or None when memory does not hold the next."""
+        tail = self._tails.get(eid)
+        if not tail or tail[0].offset > after + 1 or tail[-1].offset <= after:
+            return None
+        start = after + 1 - tail[0].offset
+        return list(itertools.islice(tail, start, start + limit))
+
+    def remember(self, eid: str, rows: list[Row], *, complete: bool = False, after: int = 0) -> None:
+        """Add consecutive entries to `eid`'s tail; `complete` = the read reached the head."""
+        if eid not in self.by_user:
+            return
+        if complete:  # the read reached the head as it was then
+            last = rows[-1].offset if rows else after
+            self._heads[eid] = max(self._heads.get(eid, 0), last)
+        if not rows:
+            return
+        tail = self._tails.get(eid)
+        if tail is None:
+            tail = self._tails[eid] = deque(maxlen=TAIL)
+        for row in rows:
+            if tail and row.offset <= tail[-1].offset:
+                continue
+            if tail and row.offset != tail[-1].offset + 1:
+                tail.clear()
+            tail.append(row)
 
     async def _recheck_forever(self, interval: float, clock: Clock) -> None:
         """The safety net for a missed notice (X5): every interval, one query for the heads of all
@@ -517,9 +606,8 @@ class Hub:
             users = list(self.by_user)
             try:
                 for chunk in chunks(users):
-                    for eid, head in await self.shielded(self._heads(chunk)):
-                        for stream in self.by_user.get(eid, ()):
-                            stream.notify(head)
+                    for eid, head in await self.shielded(self._read_heads(chunk)):
+                        self.saw_head(eid, head)
             except Exception:
                 log.warning("hub: head re-check failed", exc_info=True)
 
@@ -527,6 +615,8 @@ class Hub:
         assert self._subscription is not None
         async for message in self._subscription:
             if message.gap:
+                # Notices may have been missed: what this replica knows of heads is stale.
+                self._heads.clear()
                 for stream in list(self.streams.values()):
                     stream.wake()
             channel = message.channel
@@ -536,8 +626,7 @@ class Hub:
                     eid = channel[len("msg-log:") :]
                     head = int(message.body)
                     with consumer_span(self.tracer, message, "messaging log grew"):
-                        for stream in self.by_user.get(eid, ()):
-                            stream.notify(head)
+                        self.saw_head(eid, head)
                 elif channel.startswith("msg-dev:"):
                     eid, _, device_id = channel[len("msg-dev:") :].partition("/")
                     local = self.streams.get((eid, device_id))
@@ -549,8 +638,3 @@ class Hub:
 
 async def _no_advance(stream: DeviceStream, offset: int) -> None:
     return None
-
-
-def current_traceparent() -> str | None:
-    span = trace.get_current_span()
-    return traceparent_of() if span.get_span_context().is_valid else None

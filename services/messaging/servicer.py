@@ -35,6 +35,7 @@ from services.messaging.delivery import (
     Closed,
     DeviceStream,
     Hub,
+    Row,
     context_of,
     traceparent_of,
 )
@@ -54,7 +55,7 @@ from services.messaging.ops import (
     prepare_batch,
     timestamp,
 )
-from services.messaging.writer import Writer
+from services.messaging.writer import Append, Writer
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,12 @@ class Messaging:
         await self.hub.stop()
         await self.writer_engine.dispose()
 
-    async def _committed(self, heads: dict[str, int], events: list[tuple[str, bytes]]) -> None:
-        """After a commit: wake this replica's streams, tell the other replicas (X5, X8)."""
-        self.hub.log_grew(heads)
+    async def _committed(
+        self, heads: dict[str, int], events: list[tuple[str, bytes]], appended: list[Append]
+    ) -> None:
+        """After a commit: hand the new entries to this replica's streams, tell the other replicas
+        (X5, X8)."""
+        self.hub.log_grew(heads, [(a.eid, Row.of(a)) for a in appended])
         items = [(log_channel(eid), str(head).encode()) for eid, head in heads.items()] + events
         with self.tracer.start_as_current_span(
             "messaging publish",

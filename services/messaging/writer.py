@@ -54,6 +54,11 @@ class Append:
     signal_id: str
     trace_context: str | None
     offset: int = 0
+    body: bytes = b""  # the serialized entry, once its offset is known
+
+    def serialize(self) -> bytes:
+        self.body = self.entry.SerializeToString()
+        return self.body
 
 
 class Batched(Protocol):
@@ -154,7 +159,7 @@ class Tx:
                         "signal_id": a.signal_id,
                         "created_at": self.now,
                         "trace_context": a.trace_context,
-                        "body": a.entry.SerializeToString(),
+                        "body": a.serialize(),
                     }
                     for a in self.appends
                 ],
@@ -194,7 +199,8 @@ class Writer:
         *,
         batch_max: int,
         prepare: Prepare | None = None,
-        on_commit: Callable[[dict[str, int], list[tuple[str, bytes]]], Awaitable[None]] | None = None,
+        on_commit: Callable[[dict[str, int], list[tuple[str, bytes]], list[Append]], Awaitable[None]]
+        | None = None,
     ) -> None:
         self._engine = engine
         self._clock = clock
@@ -245,7 +251,7 @@ class Writer:
 
     async def _commit_batch(self, batch: list[_Queued]) -> None:
         try:
-            outcomes, heads, events, span = await self._transaction(batch)
+            outcomes, tx, span = await self._transaction(batch)
         except (IntegrityError, OperationalError, DBAPIError) as exc:
             if len(batch) == 1:
                 await self._retry_alone(batch[0], exc)
@@ -254,18 +260,18 @@ class Writer:
             for queued in batch:
                 await self._retry_alone(queued, exc)
             return
-        await self._answer(batch, outcomes, heads, events, span)
+        await self._answer(batch, outcomes, tx, span)
 
     async def _retry_alone(self, queued: _Queued, first: BaseException) -> None:
         error: BaseException = first
         for attempt in range(RETRIES):
             try:
-                outcomes, heads, events, span = await self._transaction([queued])
+                outcomes, tx, span = await self._transaction([queued])
             except (IntegrityError, OperationalError, DBAPIError) as exc:
                 error = exc
                 await asyncio.sleep(0.01 * (attempt + 1))
                 continue
-            await self._answer([queued], outcomes, heads, events, span)
+            await self._answer([queued], outcomes, tx, span)
             return
         log.error("writer: %s failed after %d attempts: %r", queued.op.name, RETRIES, error)
         if not queued.future.done():
@@ -277,9 +283,7 @@ class Writer:
                 )
             )
 
-    async def _transaction(
-        self, batch: list[_Queued]
-    ) -> tuple[list[Result | BaseException], dict[str, int], list[tuple[str, bytes]], trace.Span]:
+    async def _transaction(self, batch: list[_Queued]) -> tuple[list[Result | BaseException], Tx, trace.Span]:
         links = [Link(s.get_span_context()) for q in batch if (s := _span_of(q.op.context)) is not None]
         parent = batch[0].op.context
         outcomes: list[Result | BaseException] = []
@@ -302,14 +306,13 @@ class Writer:
                 await tx.finish()
         self.batches += 1
         self.ops += len(batch)
-        return outcomes, tx.heads, tx.events, span
+        return outcomes, tx, span
 
     async def _answer(
         self,
         batch: list[_Queued],
         outcomes: list[Result | BaseException],
-        heads: dict[str, int],
-        events: list[tuple[str, bytes]],
+        tx: Tx,
         span: trace.Span,
     ) -> None:
         for queued, outcome in zip(batch, outcomes, strict=True):
@@ -323,10 +326,10 @@ class Writer:
                 except Exception as exc:
                     log.exception("writer: building the result of %s failed", queued.op.name)
                     queued.future.set_exception(exc)
-        if self._on_commit is not None and (heads or events):
+        if self._on_commit is not None and (tx.heads or tx.events):
             # Publishing joins the batch's trace (the commit span is its parent).
             with trace.use_span(span, end_on_exit=False):
-                await self._on_commit(heads, events)
+                await self._on_commit(tx.heads, tx.events, tx.appends)
 
 
 def _span_of(context: Context | None) -> trace.Span | None:
