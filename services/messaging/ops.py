@@ -294,6 +294,26 @@ async def record_statuses(tx: Tx, eid: str, device_id: str, signal_ids: Sequence
     return raised
 
 
+def receipt_to_sender(tx: Tx, row: Any, status: int, by: common_pb2.Identity) -> common_pb2.Receipt:
+    """M8: append an aggregate transition of the message in `row` to its sender's log, in the
+    message's trace."""
+    receipt = common_pb2.Receipt(
+        signal_id=row.signal_id,
+        client_id=row.client_id,
+        status=common_pb2.DeliveryStatus.ValueType(status),
+        by=by,
+        at=timestamp(tx.now),
+    )
+    tx.append(
+        row.sender_eid,
+        common_pb2.Entry(peer_eid=by.eid, author=by, created_at=timestamp(tx.now), receipt=receipt),
+        kind=store.KIND_RECEIPT,
+        signal_id=row.signal_id,
+        trace_context=row.trace_context,
+    )
+    return receipt
+
+
 async def _raise_aggregates(
     tx: Tx, signal_ids: list[str], status: int, by: common_pb2.Identity, now: datetime
 ) -> None:
@@ -316,20 +336,7 @@ async def _raise_aggregates(
     )
     changes = []
     for row in rows:
-        receipt = common_pb2.Receipt(
-            signal_id=row.signal_id,
-            client_id=row.client_id,
-            status=common_pb2.DeliveryStatus.ValueType(status),
-            by=by,
-            at=timestamp(now),
-        )
-        tx.append(
-            row.sender_eid,
-            common_pb2.Entry(peer_eid=by.eid, author=by, created_at=timestamp(now), receipt=receipt),
-            kind=store.KIND_RECEIPT,
-            signal_id=row.signal_id,
-            trace_context=row.trace_context,
-        )
+        receipt = receipt_to_sender(tx, row, status, by)
         if status >= READ and row.status < READ:
             tx.append(
                 by.eid,
@@ -422,20 +429,7 @@ class _Acks:
             )
             for row in sorted(moved, key=lambda r: r.signal_id):
                 by = _identity(*self.delivered[row.signal_id])
-                receipt = common_pb2.Receipt(
-                    signal_id=row.signal_id,
-                    client_id=row.client_id,
-                    status=DELIVERED,
-                    by=by,
-                    at=timestamp(now),
-                )
-                tx.append(
-                    row.sender_eid,
-                    common_pb2.Entry(peer_eid=by.eid, author=by, created_at=timestamp(now), receipt=receipt),
-                    kind=store.KIND_RECEIPT,
-                    signal_id=row.signal_id,
-                    trace_context=row.trace_context,
-                )
+                receipt_to_sender(tx, row, DELIVERED, by)
 
 
 @dataclass(eq=False)
