@@ -741,7 +741,6 @@ class PurgeKeysOp:
     before: datetime
     context: Context | None = None
     name: str = "purge keys"
-    removed: list[int] = field(default_factory=list)
 
     async def apply(self, tx: Tx) -> Result:
         s = store.sends

@@ -48,6 +48,7 @@ from services.messaging.ops import (
     DeviceSeenOp,
     DeviceState,
     MarkOp,
+    PurgeKeysOp,
     SendOp,
     content_hash,
     device_channel,
@@ -128,14 +129,34 @@ class Messaging:
         self.retention = timedelta(days=settings.device_retention_days)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._seen: dict[tuple[str, str], float] = {}
+        self._purger: asyncio.Task[None] | None = None
         self.sessions: set[_Session] = set()
         self.links: set[_LogLink] = set()
 
     async def start(self) -> None:
         self.writer.start()
         await self.hub.start(self.settings.heartbeat_interval_s, self.clock)
+        self._purger = asyncio.create_task(self._purge_keys_forever(), name="messaging-purge-keys")
+
+    async def _purge_keys_forever(self) -> None:
+        """M3: idempotency keys older than the dedupe window are removed (a quarter window apart,
+        at most an hour); an expired key that is still there is treated as absent anyway."""
+        interval = min(3600.0, self.settings.dedupe_window_s / 4)
+        while True:
+            await self.clock.sleep(interval)
+            try:
+                removed = await self.writer.submit(PurgeKeysOp(self.clock.now() - self.dedupe_window))
+                if removed:
+                    log.info("messaging: forgot %d idempotency key(s) past the dedupe window", removed)
+            except BimipError:
+                return  # shutting down
+            except Exception:
+                log.warning("messaging: purging idempotency keys failed", exc_info=True)
 
     async def stop(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         shutting = BimipError(
             grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; reconnect"
         )

@@ -293,3 +293,21 @@ async def test_commit_offset_is_the_minimum_over_active_devices(backend: Backend
                 await fresh.wait_entries(3)
             finally:
                 await fresh.close()
+
+
+async def test_a_stalled_device_holds_back_no_other_device(suite: Suite) -> None:
+    """M6, M12: B1 never acks and its window (4) stays full; B2 and A2 get everything meanwhile."""
+    async with devices(suite, f"{A}/a1", f"{A}/a2", f"{B}/b1", f"{B}/b2") as (a1, a2, b1, b2):
+        for i in range(12):
+            await a1.sent(message(B, f"s{i}"))
+            if b2.entries():
+                await b2.ack(b2.entries()[-1].offset)
+            if a2.entries():
+                await a2.ack(a2.entries()[-1].offset)
+        await b2.wait_for(lambda: len(b2.entries()) == 12)
+        await b2.ack(12)
+        await a2.wait_for(lambda: len([e for e in a2.entries() if e.HasField("message")]) == 12)
+        assert len(b1.entries()) == 4  # lagging, not dropped: the rest waits for its acks
+        await b1.ack(4)
+        await b1.wait_for(lambda: len(b1.entries()) == 8)
+        assert [e.offset for e in b1.entries()] == list(range(1, 9))

@@ -13,6 +13,7 @@ from bimip.common.v1 import common_pb2
 from bimip.core.errors import reason_of
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 from tests.conftest import Backend
+from tests.helpers import eventually
 from tests.messaging_client import connect, devices, message
 from tests.suite import Suite, running_suite
 
@@ -268,3 +269,40 @@ async def test_a_stream_without_open_is_closed(backend: Backend, tmp_path: Path)
                 await call.read()
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert reason_of(err.value) == "OPEN_REQUIRED"
+
+
+async def test_client_ids_are_idempotent_for_the_dedupe_window_only(backend: Backend, tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from bimip.core.clock import FakeClock
+    from services.messaging import store
+
+    clock = FakeClock()
+    async with running_suite(
+        backend,
+        tmp_path,
+        ["messaging"],
+        clock=clock,
+        BIMIP_DEDUPE_WINDOW_S="3600",
+        BIMIP_HEARTBEAT_INTERVAL_S="300",
+        BIMIP_HEALTH_CHECK_INTERVAL_S="60",
+    ) as suite:
+        engine = suite.services["messaging"].runtime.engine
+
+        async def purged() -> bool:
+            # Each poll moves time on by one purge interval: the purger runs whenever it gets there.
+            await clock.advance(900)
+            async with engine.connect() as conn:
+                return (await conn.execute(select(func.count()).select_from(store.sends))).scalar_one() == 0
+
+        async with devices(suite, f"{A}/a1") as (a1,):
+            first = await a1.sent(message(B, "once", b"x"))
+            await clock.advance(3000)
+            assert (await a1.sent(message(B, "once", b"x"))).duplicate  # within the window
+        # Past the window and the next purge (every quarter window), the key is gone and the client
+        # id is free again: a new message.
+        await clock.advance(1000)
+        await eventually(purged)
+        async with devices(suite, f"{A}/a1") as (a1,):
+            again = await a1.sent(message(B, "once", b"other content is fine now"))
+            assert not again.duplicate and again.signal_id != first.signal_id and again.offset == 2
