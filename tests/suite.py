@@ -17,6 +17,9 @@ from bimip.core.server import RunningService, Shared, start_service
 from tests.conftest import Backend
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+# For tests that move a fake clock by hours or days: every periodic task (heartbeats, health,
+# re-checks) wakes at each of its deadlines on the way, so long intervals keep such a jump cheap.
+SLOW_TIMERS = {"BIMIP_HEARTBEAT_INTERVAL_S": "300", "BIMIP_HEALTH_CHECK_INTERVAL_S": "60"}
 INTERNAL_SECRET = "test-internal-secret-0123456789ab"
 
 

@@ -14,7 +14,7 @@ from bimip.core.errors import reason_of
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 from tests.conftest import Backend
 from tests.messaging_client import connect, devices, message
-from tests.suite import Suite, running_suite
+from tests.suite import SLOW_TIMERS, Suite, running_suite
 
 A, B = "alice@example.com", "bob@example.com"
 SENT, DELIVERED = common_pb2.DELIVERY_STATUS_SENT, common_pb2.DELIVERY_STATUS_DELIVERED
@@ -244,15 +244,8 @@ async def test_bad_commands(suite: Suite) -> None:
 
 async def test_commit_offset_is_the_minimum_over_active_devices(backend: Backend, tmp_path: Path) -> None:
     clock = FakeClock()
-    # Long timer intervals: the fake clock wakes every periodic task on its way through a month.
     async with running_suite(
-        backend,
-        tmp_path,
-        ["messaging"],
-        clock=clock,
-        BIMIP_DEVICE_RETENTION_DAYS="30",
-        BIMIP_HEARTBEAT_INTERVAL_S="300",
-        BIMIP_HEALTH_CHECK_INTERVAL_S="60",
+        backend, tmp_path, ["messaging"], clock=clock, BIMIP_DEVICE_RETENTION_DAYS="30", **SLOW_TIMERS
     ) as suite:
         async with devices(suite, f"{A}/a1", f"{B}/b1", f"{B}/b2") as (a1, b1, b2):
             for i in range(3):

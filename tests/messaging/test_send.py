@@ -15,7 +15,7 @@ from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.messaging_client import connect, devices, message
-from tests.suite import Suite, running_suite
+from tests.suite import SLOW_TIMERS, Suite, running_suite
 
 A, B = "alice@example.com", "bob@example.com"
 
@@ -279,13 +279,7 @@ async def test_client_ids_are_idempotent_for_the_dedupe_window_only(backend: Bac
 
     clock = FakeClock()
     async with running_suite(
-        backend,
-        tmp_path,
-        ["messaging"],
-        clock=clock,
-        BIMIP_DEDUPE_WINDOW_S="3600",
-        BIMIP_HEARTBEAT_INTERVAL_S="300",
-        BIMIP_HEALTH_CHECK_INTERVAL_S="60",
+        backend, tmp_path, ["messaging"], clock=clock, BIMIP_DEDUPE_WINDOW_S="3600", **SLOW_TIMERS
     ) as suite:
         engine = suite.services["messaging"].runtime.engine
 
