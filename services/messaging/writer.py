@@ -215,6 +215,7 @@ class Writer:
         self._closing = False
         self.batches = 0
         self.ops = 0
+        self.retries = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="messaging-writer")
@@ -264,6 +265,8 @@ class Writer:
 
     async def _retry_alone(self, queued: _Queued, first: BaseException) -> None:
         error: BaseException = first
+        self.retries += 1
+        log.info("writer: %s failed (%s); retrying it alone", queued.op.name, type(first).__name__)
         for attempt in range(RETRIES):
             try:
                 outcomes, tx, span = await self._transaction([queued])

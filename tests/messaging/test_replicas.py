@@ -23,7 +23,7 @@ from bimip.core.auth import Keys, ServiceCredentials
 from bimip.core.config import CoreSettings, load_settings
 from bimip.core.errors import reason_of
 from bimip.core.server import RunningService, Shared, start_service
-from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc
+from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2
 from services.messaging.app import build as build_messaging
 from services.messaging.config import MessagingSettings
 from tests.conftest import Backend
@@ -268,3 +268,32 @@ async def test_missed_notice_across_replicas_loses_nothing(
         assert b1.offsets() == [1, 2, 3]
         assert _client_ids(b1.entries()) == ["m-0", "m-1", "m-2"]
         assert not b1.finished
+
+
+async def test_the_same_send_on_both_replicas_at_once_creates_one_message(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """M3 across replicas: each client id is sent through both replicas at the same moment (the
+    race the writer resolves by retrying op by op when the other replica took the key first);
+    every client id ends as one message, and both acks name it."""
+    async with replicas(backend, tmp_path, **NO_HEARTBEAT_RESCUE) as rs:
+        r1, r2 = rs.channel(0), rs.channel(1)
+        a1 = await rs.connect(r1, f"{A}/a1")
+        a2 = await rs.connect(r2, f"{A}/a2")
+        b1 = await rs.connect(r1, f"{B}/b1")
+        ids = [f"race-{i}" for i in range(20)]
+        seqs = []
+        for client_id in ids:
+            msg = message(B, client_id, client_id.encode())
+            seqs.append((await a1.write(send=_send(msg)), await a2.write(send=_send(msg))))
+        for client_id, (s1, s2) in zip(ids, seqs, strict=True):
+            one, two = (await a1.reply(s1)).sent, (await a2.reply(s2)).sent
+            assert (one.signal_id, one.offset) == (two.signal_id, two.offset), client_id
+            assert [one.duplicate, two.duplicate].count(True) == 1, client_id
+        entries = await b1.wait_entries(20)
+        assert _client_ids(entries) and sorted(_client_ids(entries)) == sorted(ids)
+        assert [e.offset for e in entries] == list(range(1, 21))
+
+
+def _send(msg: common_pb2.Message) -> messaging_pb2.SendRequest:
+    return messaging_pb2.SendRequest(message=msg)
