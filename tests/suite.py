@@ -81,6 +81,8 @@ async def running_suite(
         for name in names:
             settings = load_settings(classes[name], environ)
             services[name] = await start_service(name, factories[name], shared, settings, exporter=exporter)  # type: ignore[arg-type]
+            if name == "messaging":  # where the others reach it, now that its port is known
+                environ["BIMIP_MESSAGING_ADDRESS"] = services[name].address
         yield Suite(shared, services)
     finally:
         for service in reversed(list(services.values())):

@@ -19,6 +19,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import SQLModel
 
 # Every service's store module, so that SQLModel.metadata holds every table (autogenerate, checks).
+import services.awareness.store
 import services.messaging.store  # noqa: F401
 from bimip.core.storage import UtcDateTime, create_engine
 
