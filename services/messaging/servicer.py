@@ -522,10 +522,15 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             stream.cursor_moved(
                 await core.writer.submit(AckOp(stream.eid, stream.device_id, first.open.processed_offset))
             )
-        await core.hub.register(stream)
         session = _Session(core, stream, principal)
         core.sessions.add(session)
         try:
+            try:
+                await core.hub.register(stream)
+            except BusError:
+                await BimipError(
+                    grpc.StatusCode.UNAVAILABLE, "BUS_UNAVAILABLE", "pub/sub is unreachable; retry"
+                ).abort(context)
             yield messaging_pb2.ConnectResponse(
                 seq=first.seq,
                 opened=messaging_pb2.OpenResponse(
@@ -637,7 +642,8 @@ class _Session:
     async def close(self) -> None:
         await asyncio.gather(*self.cancel(), return_exceptions=True)
         self.core.sessions.discard(self)
-        await self.core.hub.unregister(self.stream)
+        with contextlib.suppress(BusError):  # Redis gone: the subscription is dropped with it
+            await self.core.hub.unregister(self.stream)
         redis = self.core.runtime.redis
         if redis is not None:
             # Only this stream's own mark: a newer stream (on any replica) may have set it since.
