@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -9,31 +10,48 @@ import grpc
 from bimip.awareness.v1 import awareness_pb2, awareness_pb2_grpc
 from bimip.core.server import Runtime
 from bimip.core.storage import create_engine
+from services.awareness.config import AwarenessSettings
 from services.awareness.messaging_link import PresenceLink
-from services.awareness.servicer import AwarenessServicer
+from services.awareness.presence import DeviceRegistry, InProcessDevices, Presence, RedisDevices
+from services.awareness.servicer import AwarenessServicer, AwarenessStreams
+from services.awareness.streams import StreamHub
 from services.awareness.subscriptions import Subscriptions
 
 
 class AwarenessApp:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.writer_engine = create_engine(runtime.settings.database_url, writer=True)
+        settings = runtime.settings
+        assert isinstance(settings, AwarenessSettings)
+        self.writer_engine = create_engine(settings.database_url, writer=True)
         runtime.telemetry.instrument_engine(self.writer_engine)
         self.link = PresenceLink(
-            runtime.settings.messaging_address, runtime.credentials, runtime.telemetry, runtime.clock
+            settings.messaging_address, runtime.credentials, runtime.telemetry, runtime.clock
         )
+        devices: DeviceRegistry = (
+            RedisDevices(runtime.redis, settings.redis_namespace)
+            if runtime.redis is not None
+            else InProcessDevices()
+        )
+        self.hub = StreamHub(runtime.bus, settings.replica_id)
+        presence = Presence(runtime.engine, self.writer_engine, devices, runtime.bus, runtime.clock)
         self.subscriptions = Subscriptions(self.writer_engine, runtime.clock, self.link)
+        self.streams = AwarenessStreams(
+            settings, runtime.clock, self.hub, presence, self.subscriptions, self.link
+        )
+        self.subscriptions.changed = self.streams.subscription_changed
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
-        # Connect, SetIntent and SetVisibility are not built yet: they answer UNIMPLEMENTED.
-        servicer = AwarenessServicer(self.subscriptions)  # type: ignore[abstract]
+        servicer = AwarenessServicer(self.subscriptions, self.streams)
         awareness_pb2_grpc.add_AwarenessServiceServicer_to_server(servicer, server)
         return [awareness_pb2.DESCRIPTOR.services_by_name["AwarenessService"].full_name]
 
     async def start(self) -> None:
-        pass
+        await self.hub.start()
 
     async def stop(self) -> None:
+        await self.hub.stop()
+        await asyncio.gather(*list(self.streams.leaving), return_exceptions=True)
         await self.link.close()
         await self.writer_engine.dispose()
 

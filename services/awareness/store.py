@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Index, PrimaryKeyConstraint, SmallInteger, String, Table
+from sqlalchemy import Boolean, Column, Index, PrimaryKeyConstraint, SmallInteger, String, Table, false, text
 from sqlmodel import SQLModel
 
 from bimip.core.storage import UtcDateTime
@@ -30,4 +30,16 @@ blocks = Table(
     Column("blocked_eid", _EID, nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("blocker_eid", "blocked_eid", name="pk_awareness_blocks"),
+)
+
+users = Table(
+    "awareness_users",
+    SQLModel.metadata,
+    # Per user: the intent (A1; 0 = none), whether presence is hidden (A7), and when the last device
+    # went offline (the last-seen time).
+    Column("eid", _EID, nullable=False),
+    Column("intent", SmallInteger(), nullable=False, server_default=text("0")),
+    Column("hidden", Boolean(), nullable=False, server_default=false()),
+    Column("last_seen_at", UtcDateTime(), nullable=True),
+    PrimaryKeyConstraint("eid", name="pk_awareness_users"),
 )

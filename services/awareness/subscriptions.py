@@ -8,6 +8,7 @@ directions (BLOCKED).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -54,10 +55,38 @@ def check_other(caller: str, eid: str, field: str) -> None:
 
 
 class Subscriptions:
-    def __init__(self, engine: AsyncEngine, clock: Clock, link: PresenceLink) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        link: PresenceLink,
+        changed: Callable[[str, str, int], Awaitable[None]] | None = None,
+    ) -> None:
         self._engine = engine  # a writer engine: on SQLite its transactions hold the lock from the start
         self._clock = clock
         self._link = link
+        self.changed = changed
+
+    async def _notify(self, subscriber: str, target: str, state: int) -> None:
+        if self.changed is not None:
+            await self.changed(subscriber, target, state)
+
+    async def approved_targets(self, subscriber: str) -> set[str]:
+        """The users `subscriber` sees the presence of."""
+        s = store.subscriptions
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(s.c.target_eid).where(s.c.subscriber_eid == subscriber, s.c.state == APPROVED)
+            )
+            return {row.target_eid for row in rows}
+
+    async def may_see(self, watcher: str, target: str) -> str | None:
+        """Why `watcher` may not receive `target`'s presence or activity (A3), or None if it may."""
+        async with self._engine.connect() as conn:
+            if await self._blocked(conn, watcher, target):
+                return "BLOCKED"
+            row = await self._state(conn, watcher, target)
+        return None if row is not None and row.state == APPROVED else "NOT_SUBSCRIBED"
 
     async def _blocked(self, conn: AsyncConnection, a: str, b: str) -> bool:
         bl = store.blocks
@@ -109,6 +138,7 @@ class Subscriptions:
             if row is not None and row.state in (PENDING, APPROVED):
                 return _subscription(caller, target, row.state, row.updated_at)
             at = await self._put(conn, caller, target, PENDING, row is not None)
+        await self._notify(caller, target, PENDING)
         return _subscription(caller, target, PENDING, at)
 
     async def answer(self, caller: str, subscriber: str, *, approve: bool) -> awareness_pb2.Subscription:
@@ -128,14 +158,18 @@ class Subscriptions:
                     "to you",
                 )
             at = await self._put(conn, subscriber, caller, wanted, True)
+        await self._notify(subscriber, caller, wanted)
         return _subscription(subscriber, caller, wanted, at)
 
     async def unsubscribe(self, caller: str, target: str) -> None:
         check_other(caller, target, "target_eid")
         async with self._engine.begin() as conn:
             row = await self._state(conn, caller, target)
-            if row is not None and row.state in (PENDING, APPROVED):
+            ended = row is not None and row.state in (PENDING, APPROVED)
+            if ended:
                 await self._put(conn, caller, target, REMOVED, True)
+        if ended:
+            await self._notify(caller, target, REMOVED)
 
     async def block(self, caller: str, other: str, *, blocked: bool) -> None:
         """Block (or unblock) `other`; messaging is told before the call returns."""
@@ -167,6 +201,9 @@ class Subscriptions:
                 )
             else:
                 await conn.execute(delete(bl).where(bl.c.blocker_eid == caller, bl.c.blocked_eid == other))
+        if blocked:
+            await self._notify(caller, other, REMOVED)
+            await self._notify(other, caller, REMOVED)
         # After the commit: a retry of the same call sends it again (both sides are idempotent).
         await self._link.send(
             block_change=internal_pb2.BlockChange(blocker_eid=caller, blocked_eid=other, blocked=blocked)

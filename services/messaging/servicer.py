@@ -550,7 +550,9 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                     return
                 yield item
         finally:
-            await session.close()
+            # In a task of its own: a handler cancelled again while it waits still unregisters.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(asyncio.ensure_future(session.close()))
 
     async def SendMessage(
         self, request: messaging_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]

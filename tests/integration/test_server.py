@@ -17,6 +17,7 @@ from bimip.awareness.v1 import awareness_pb2, awareness_pb2_grpc
 from bimip.core.auth import ServiceCredentials, issue_service_token
 from bimip.core.errors import reason_of
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
+from bimip.sync.v1 import sync_pb2, sync_pb2_grpc
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.suite import JWT_SECRET, Suite, running_suite
@@ -199,9 +200,13 @@ async def test_missing_and_bad_tokens_are_unauthenticated(suite: Suite) -> None:
 async def test_valid_token_reaches_the_service(suite: Suite) -> None:
     token = suite.token("alice@example.com", "phone")
     await _call_unary(suite, (("authorization", f"Bearer {token}"),))
-    # Awareness's rules are not built yet: a valid token gets past auth to UNIMPLEMENTED.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _call_stream(suite, (("authorization", f"Bearer {token}"),))
+    await _call_stream(suite, (("authorization", f"Bearer {token}"),))
+    # Sync's rules are not built yet: a valid token gets past auth to UNIMPLEMENTED.
+    async with suite.channel("sync") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await sync_pb2_grpc.SyncServiceStub(channel).GetDelta(
+                sync_pb2.GetDeltaRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=30
+            )
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert reason_of(err.value) == "NOT_IMPLEMENTED"
 
