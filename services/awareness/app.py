@@ -40,6 +40,7 @@ class AwarenessApp:
             settings, runtime.clock, self.hub, presence, self.subscriptions, self.link
         )
         self.subscriptions.changed = self.streams.subscription_changed
+        self._sweeper: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
         servicer = AwarenessServicer(self.subscriptions, self.streams)
@@ -48,8 +49,12 @@ class AwarenessApp:
 
     async def start(self) -> None:
         await self.hub.start()
+        self._sweeper = asyncio.create_task(self.streams.sweep_forever(), name="awareness-sweeper")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.hub.stop()
         await asyncio.gather(*list(self.streams.leaving), return_exceptions=True)
         await self.link.close()

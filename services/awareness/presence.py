@@ -45,9 +45,15 @@ def timestamp(at: datetime) -> Timestamp:
 
 
 class DeviceRegistry(Protocol):
-    async def add(self, eid: str, device_id: str, sid: str) -> int:
+    """Which devices are online, each held by one stream, each with a liveness deadline (A5)."""
+
+    async def add(self, eid: str, device_id: str, sid: str, deadline: float) -> int:
         """Mark the device online, held by stream `sid`; returns how many devices were online before
         (the same device under an older stream included: a replacement is no change, A5)."""
+        ...
+
+    async def refresh(self, eid: str, device_id: str, sid: str, deadline: float) -> None:
+        """A heartbeat: the device stays online until `deadline` (Unix seconds)."""
         ...
 
     async def remove(self, eid: str, device_id: str, sid: str) -> int | None:
@@ -56,18 +62,33 @@ class DeviceRegistry(Protocol):
 
     async def count(self, eid: str) -> int: ...
 
+    async def expired(self, now: float) -> list[tuple[str, str, str]]:
+        """Claim the (eid, device, sid) whose deadline passed; each is claimed by one replica only."""
+        ...
+
+
+def _member(eid: str, device_id: str, sid: str) -> str:
+    return f"{eid}\n{device_id}\n{sid}"  # no id may hold a control character
+
 
 class InProcessDevices:
     def __init__(self) -> None:
         self._online: dict[str, dict[str, str]] = {}
+        self._deadlines: dict[tuple[str, str, str], float] = {}
 
-    async def add(self, eid: str, device_id: str, sid: str) -> int:
+    async def add(self, eid: str, device_id: str, sid: str, deadline: float) -> int:
         devices = self._online.setdefault(eid, {})
         before = len(devices)  # the same device under an older stream counts: a replacement is no change
         devices[device_id] = sid
+        self._deadlines[(eid, device_id, sid)] = deadline
         return before
 
+    async def refresh(self, eid: str, device_id: str, sid: str, deadline: float) -> None:
+        if (eid, device_id, sid) in self._deadlines:
+            self._deadlines[(eid, device_id, sid)] = deadline
+
     async def remove(self, eid: str, device_id: str, sid: str) -> int | None:
+        self._deadlines.pop((eid, device_id, sid), None)
         devices = self._online.get(eid, {})
         if devices.get(device_id) != sid:
             return None
@@ -79,28 +100,62 @@ class InProcessDevices:
     async def count(self, eid: str) -> int:
         return len(self._online.get(eid, {}))
 
+    async def expired(self, now: float) -> list[tuple[str, str, str]]:
+        gone = [key for key, deadline in self._deadlines.items() if deadline <= now]
+        for key in gone:
+            del self._deadlines[key]
+        return gone
+
 
 _REMOVE_IF_MINE = (
+    "redis.call('zrem', KEYS[2], ARGV[3]) "
     "if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
     "redis.call('hdel', KEYS[1], ARGV[1]) return redis.call('hlen', KEYS[1]) end return -1"
 )
-_ADD = "local n = redis.call('hlen', KEYS[1]) redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) return n"
+_ADD = (
+    "local n = redis.call('hlen', KEYS[1]) redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) "
+    "redis.call('zadd', KEYS[2], ARGV[4], ARGV[3]) return n"
+)
+_CLAIM = (
+    "local due = redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500) "
+    "if #due > 0 then redis.call('zrem', KEYS[1], unpack(due)) end return due"
+)
 
 
 class RedisDevices:
+    """A hash per user (device -> stream id) and one sorted set of deadlines that every replica's
+    sweeper claims from, atomically, so a dead replica's devices go OFFLINE too (A5, A8)."""
+
     def __init__(self, client: Any, namespace: str) -> None:
         self._redis = client
         self._prefix = f"{namespace}:aw-devices:"
+        self._deadlines = f"{namespace}:aw-deadlines"
 
-    async def add(self, eid: str, device_id: str, sid: str) -> int:
-        return int(await self._redis.eval(_ADD, 1, self._prefix + eid, device_id, sid))
+    async def add(self, eid: str, device_id: str, sid: str, deadline: float) -> int:
+        keys = (self._prefix + eid, self._deadlines)
+        return int(
+            await self._redis.eval(_ADD, 2, *keys, device_id, sid, _member(eid, device_id, sid), deadline)
+        )
+
+    async def refresh(self, eid: str, device_id: str, sid: str, deadline: float) -> None:
+        await self._redis.zadd(self._deadlines, {_member(eid, device_id, sid): deadline}, xx=True)
 
     async def remove(self, eid: str, device_id: str, sid: str) -> int | None:
-        left = int(await self._redis.eval(_REMOVE_IF_MINE, 1, self._prefix + eid, device_id, sid))
+        keys = (self._prefix + eid, self._deadlines)
+        member = _member(eid, device_id, sid)
+        left = int(await self._redis.eval(_REMOVE_IF_MINE, 2, *keys, device_id, sid, member))
         return None if left < 0 else left
 
     async def count(self, eid: str) -> int:
         return int(await self._redis.hlen(self._prefix + eid))
+
+    async def expired(self, now: float) -> list[tuple[str, str, str]]:
+        due = await self._redis.eval(_CLAIM, 1, self._deadlines, now)
+        claimed = []
+        for member in due:
+            eid, device_id, sid = (member.decode() if isinstance(member, bytes) else member).split("\n")
+            claimed.append((eid, device_id, sid))
+        return claimed
 
 
 @dataclass(frozen=True)
@@ -160,9 +215,9 @@ class Presence:
         if (before.status, before.HasField("last_seen")) != (after.status, after.HasField("last_seen")):
             await self.bus.publish(presence_channel(after.eid), after.SerializeToString())
 
-    async def device_online(self, eid: str, device_id: str, sid: str) -> None:
+    async def device_online(self, eid: str, device_id: str, sid: str, deadline: float) -> None:
         state = await self.user(eid)
-        before = await self.devices.add(eid, device_id, sid)
+        before = await self.devices.add(eid, device_id, sid, deadline)
         if before == 0:
             await self._publish_if_changed(
                 await self.visible(eid, 0, state), await self.visible(eid, 1, state)

@@ -177,7 +177,7 @@ class AwarenessStreams:
         targets = await self.subscriptions.approved_targets(eid)
         try:
             # Online first, under this stream: the older stream this one replaces then leaves no gap.
-            await self.presence.device_online(eid, device_id, stream.sid)
+            await self.presence.device_online(eid, device_id, stream.sid, self._deadline())
             await self.hub.register(stream, targets)
             try:  # A2, M11: messaging pushes the device's pending entries
                 await self.link.send(
@@ -190,6 +190,7 @@ class AwarenessStreams:
             state = await self.presence.user(eid)
             opened = aw.OpenResponse(
                 heartbeat_interval_ms=int(self.settings.heartbeat_interval_s * 1000),
+                presence_ttl_ms=int(self.settings.presence_ttl_s * 1000),
                 intent=aw.Status.ValueType(state.intent or ONLINE),
                 hidden=state.hidden,
             )
@@ -235,6 +236,30 @@ class AwarenessStreams:
                 exc_info=True,
             )
 
+    def _deadline(self) -> float:
+        return self.clock.now().timestamp() + self.settings.presence_ttl_s
+
+    async def sweep_forever(self) -> None:
+        """A5: devices past their deadline go OFFLINE, whichever replica held them (a dead one
+        included); a stream of this replica whose heartbeats stopped is ended."""
+        interval = min(1.0, self.settings.presence_ttl_s / 4)
+        while True:
+            await self.clock.sleep(interval)
+            try:
+                for eid, device_id, sid in await self.presence.devices.expired(self.clock.now().timestamp()):
+                    await self.presence.device_offline(eid, device_id, sid)
+                    for stream in list(self.hub.by_user.get(eid, ())):
+                        if stream.sid == sid:
+                            stream.end(
+                                BimipError(
+                                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "HEARTBEAT_TIMEOUT",
+                                    "no heartbeat within the presence TTL",
+                                )
+                            )
+            except Exception:
+                log.warning("awareness: presence sweep failed", exc_info=True)
+
     async def _heartbeat(self, stream: AwarenessStream) -> None:
         while not stream.closed:
             await self.clock.sleep(self.settings.heartbeat_interval_s)
@@ -247,7 +272,12 @@ class AwarenessStreams:
             async for request in requests:
                 try:
                     await self._frame(stream, request)
-                    if request.WhichOneof("frame") != "heartbeat":
+                    if request.WhichOneof("frame") == "heartbeat":  # answered in kind, by its seq
+                        now = timestamp(self.clock.now())
+                        stream.push(
+                            aw.ConnectResponse(seq=request.seq, heartbeat=common_pb2.Heartbeat(sent_at=now))
+                        )
+                    else:
                         stream.push(aw.ConnectResponse(seq=request.seq, ack=aw.FrameAck()))
                 except BimipError as err:
                     stream.push(aw.ConnectResponse(seq=request.seq, error=err.to_proto()))
@@ -264,8 +294,8 @@ class AwarenessStreams:
             await self.presence.set_hidden(stream.eid, request.visibility.hidden, by)
         elif which == "activity":
             await self._activity_frame(stream, request.activity)
-        elif which == "heartbeat":
-            pass
+        elif which == "heartbeat":  # A5: the device stays online for another TTL
+            await self.presence.devices.refresh(stream.eid, stream.device_id, stream.sid, self._deadline())
         elif which == "open":
             raise BimipError(
                 grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_OPEN", "the stream is already open"

@@ -57,7 +57,12 @@ class Stream:
         await self.call.write(aw.ConnectRequest(seq=seq, **frame))
         return await eventually(  # type: ignore[no-any-return]
             lambda: next(
-                (f for f in self.frames if f.seq == seq and f.WhichOneof("frame") in ("ack", "error")), None
+                (
+                    f
+                    for f in self.frames
+                    if f.seq == seq and f.WhichOneof("frame") in ("ack", "error", "heartbeat")
+                ),
+                None,
             ),
             timeout=15,
         )
