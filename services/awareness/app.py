@@ -33,7 +33,7 @@ class AwarenessApp:
             if runtime.redis is not None
             else InProcessDevices()
         )
-        self.hub = StreamHub(runtime.bus, settings.replica_id)
+        self.hub = StreamHub(runtime.bus, settings.replica_id, runtime.telemetry.tracer("bimip.awareness"))
         presence = Presence(runtime.engine, self.writer_engine, devices, runtime.bus, runtime.clock)
         self.subscriptions = Subscriptions(self.writer_engine, runtime.clock, self.link)
         self.streams = AwarenessStreams(

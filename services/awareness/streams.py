@@ -17,12 +17,13 @@ import time
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Tracer
 
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
-from bimip.core.pubsub import Bus, Subscription
+from bimip.core.pubsub import Bus, BusMessage, Subscription, consumer_span
 from services.awareness.presence import presence_channel, timestamp, user_channel
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,10 @@ class AwarenessStream:
 
 
 class StreamHub:
-    def __init__(self, bus: Bus, replica: str) -> None:
+    def __init__(self, bus: Bus, replica: str, tracer: Tracer) -> None:
         self.bus = bus
         self.replica = replica
+        self.tracer = tracer
         self.by_user: dict[str, set[AwarenessStream]] = {}
         self.watchers: dict[str, set[AwarenessStream]] = {}  # target eid -> streams watching it
         self._subscription: Subscription | None = None
@@ -124,17 +126,23 @@ class StreamHub:
         assert self._subscription is not None
         async for message in self._subscription:
             try:
-                if message.channel.startswith("aw-presence:"):
-                    presence = aw.Presence.FromString(message.body)
-                    for stream in list(self.watchers.get(presence.eid, ())):
-                        stream.push(aw.ConnectResponse(presence=presence))
-                elif message.channel.startswith("aw-user:"):
-                    eid = message.channel[len("aw-user:") :]
-                    event = json.loads(message.body)
-                    for stream in list(self.by_user.get(eid, ())):
-                        await self._user_event(stream, event)
+                # X6: the delivery joins the trace of the event that published it.
+                with consumer_span(self.tracer, message, "awareness deliver") as span:
+                    span.set_attribute("bimip.replica", self.replica)
+                    await self._dispatch(message)
             except Exception:
                 log.warning("awareness hub: dropped a message on %s", message.channel, exc_info=True)
+
+    async def _dispatch(self, message: BusMessage) -> None:
+        if message.channel.startswith("aw-presence:"):
+            presence = aw.Presence.FromString(message.body)
+            for stream in list(self.watchers.get(presence.eid, ())):
+                stream.push(aw.ConnectResponse(presence=presence))
+        elif message.channel.startswith("aw-user:"):
+            eid = message.channel[len("aw-user:") :]
+            event = json.loads(message.body)
+            for stream in list(self.by_user.get(eid, ())):
+                await self._user_event(stream, event)
 
     async def _user_event(self, stream: AwarenessStream, event: dict[str, Any]) -> None:
         kind = event.get("t")
