@@ -18,6 +18,7 @@ from bimip.common.v1 import common_pb2
 from bimip.core.auth import current_principal
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError, invalid
+from bimip.core.streams import open_frame
 from bimip.messaging.v1 import internal_pb2
 from services.awareness.config import AwarenessSettings
 from services.awareness.messaging_link import PresenceLink
@@ -160,18 +161,11 @@ class AwarenessStreams:
         principal = current_principal()
         eid, device_id = principal.eid, principal.device_id
         try:
-            async with asyncio.timeout(self.settings.heartbeat_interval_s * 3):
-                first = await anext(requests)
-        except StopAsyncIteration:
+            first = await open_frame(requests, self.settings.heartbeat_interval_s * 3)
+        except BimipError as err:
+            await err.abort(context)
+        if first is None:
             return
-        except TimeoutError:
-            first = aw.ConnectRequest()
-        if first.WhichOneof("frame") != "open":
-            await BimipError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "OPEN_REQUIRED",
-                "the first frame of a stream must be `open`",
-            ).abort(context)
         stream = AwarenessStream(self.hub, eid, device_id, self.clock)
         tasks: list[asyncio.Task[Any]] = []
         targets = await self.subscriptions.approved_targets(eid)

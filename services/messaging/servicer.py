@@ -28,6 +28,7 @@ from bimip.core.ids import UlidGenerator, device_id_problem, eid_problem
 from bimip.core.pubsub import BusError
 from bimip.core.server import Runtime
 from bimip.core.storage import create_engine
+from bimip.core.streams import open_frame
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 from services.messaging import store
 from services.messaging.config import MessagingSettings
@@ -474,22 +475,12 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
         core = self.core
         principal = current_principal()
         try:
-            async with asyncio.timeout(core.settings.heartbeat_interval_s * 3):
-                first = await anext(request_iterator)
-        except StopAsyncIteration:
+            opened = await open_frame(request_iterator, core.settings.heartbeat_interval_s * 3)
+        except BimipError as err:
+            await err.abort(context)
+        if opened is None:
             return
-        except TimeoutError:
-            await BimipError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "OPEN_REQUIRED",
-                "no `open` frame within three heartbeat intervals",
-            ).abort(context)
-        if first.WhichOneof("frame") != "open":
-            await BimipError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "OPEN_REQUIRED",
-                "the first frame of a stream must be `open`",
-            ).abort(context)
+        first = opened
         if first.open.processed_offset < 0:
             await invalid(
                 "INVALID_OFFSET", "processed_offset must not be negative", field="processed_offset"
