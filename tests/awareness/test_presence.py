@@ -222,3 +222,34 @@ async def test_bad_frames(env: tuple[Suite, grpc.aio.Channel, FakeClock]) -> Non
         assert answer.error.reason == reason, (frame, answer)
     assert not a1.finished  # per-frame refusals: the stream goes on
     await a1.close()
+
+
+async def test_approval_shows_the_current_presence_at_once(
+    env: tuple[Suite, grpc.aio.Channel, FakeClock],
+) -> None:
+    """A1/A6: nothing changed, yet the new subscriber learns A's presence when A approves."""
+    suite, channel, _ = env
+    a1 = await open_stream(suite, channel, A, "a1")
+    await a1.ask(intent=aw.IntentRequest(intent=aw.STATUS_AWAY))
+    s1 = await open_stream(suite, channel, S, "s1")
+    assert not s1.opened.presences
+    await unary(suite, channel, S, "RequestSubscription", aw.RequestSubscriptionRequest(target_eid=A))
+    await eventually(
+        lambda: [e.subscription.state for e in a1.of("subscription")] == [aw.SUBSCRIPTION_STATE_PENDING]
+    )
+    await unary(suite, channel, A, "ApproveSubscription", aw.ApproveSubscriptionRequest(subscriber_eid=S))
+    await eventually(lambda: s1.presences(A) == [aw.STATUS_AWAY])
+    assert aw.SUBSCRIPTION_STATE_APPROVED in [e.subscription.state for e in s1.of("subscription")]
+    # From now on S hears A's changes; after a denial it hears nothing more.
+    await a1.ask(intent=aw.IntentRequest(intent=aw.STATUS_ONLINE))
+    await eventually(lambda: s1.presences(A) == [aw.STATUS_AWAY, ONLINE])
+    await unary(suite, channel, A, "DenySubscription", aw.DenySubscriptionRequest(subscriber_eid=S))
+    await eventually(
+        lambda: aw.SUBSCRIPTION_STATE_DENIED in [e.subscription.state for e in s1.of("subscription")]
+    )
+    await a1.ask(intent=aw.IntentRequest(intent=DND))
+    await s1.ask(heartbeat=aw.ConnectRequest().heartbeat)
+    await a1.close()
+    await s1.ask(heartbeat=aw.ConnectRequest().heartbeat)
+    assert s1.presences(A) == [aw.STATUS_AWAY, ONLINE]
+    await s1.close()
