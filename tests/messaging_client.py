@@ -6,11 +6,8 @@ command). Waiting is always polling with a deadline.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -18,6 +15,7 @@ import grpc
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 from tests.helpers import eventually
+from tests.streams import RecordedCall
 
 
 def message(
@@ -32,24 +30,16 @@ def message(
     )
 
 
-@dataclass
-class Device:
+class Device(RecordedCall):
     """An open Connect stream of one device."""
 
-    eid: str
-    device_id: str
-    call: Any
-    opened: messaging_pb2.OpenResponse
-    frames: list[messaging_pb2.ConnectResponse] = field(default_factory=list)
-    ended: grpc.aio.AioRpcError | None = None
-    finished: bool = False
-    _seq: Any = field(default_factory=lambda: itertools.count(1))
-    _reader: asyncio.Task[None] | None = None
+    def __init__(self, eid: str, device_id: str, call: Any, opened: messaging_pb2.OpenResponse) -> None:
+        super().__init__(call)
+        self.eid = eid
+        self.device_id = device_id
+        self.opened = opened
 
     # --- what arrived ------------------------------------------------------------------------
-
-    def of(self, kind: str) -> list[Any]:
-        return [getattr(f, kind) for f in self.frames if f.WhichOneof("frame") == kind]
 
     def answer(self, seq: int) -> messaging_pb2.ConnectResponse | None:
         return next((f for f in self.frames if f.seq == seq and f.WhichOneof("frame") != "delivery"), None)
@@ -109,19 +99,7 @@ class Device:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.call.done_writing()
-        self.call.cancel()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def _read(self) -> None:
-        try:
-            while (frame := await self.call.read()) is not grpc.aio.EOF:
-                self.frames.append(frame)
-        except grpc.aio.AioRpcError as err:
-            self.ended = err
-        except asyncio.CancelledError:
-            pass
-        self.finished = True
+        await self.stop_reading()
 
 
 async def connect(
@@ -134,9 +112,7 @@ async def connect(
     )
     first = await call.read()
     assert first.WhichOneof("frame") == "opened", first
-    device = Device(eid, device_id, call, first.opened)
-    device._reader = asyncio.create_task(device._read())
-    return device
+    return Device(eid, device_id, call, first.opened)
 
 
 @contextlib.asynccontextmanager

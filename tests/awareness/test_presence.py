@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from bimip.core.clock import FakeClock
 from bimip.core.errors import reason_of
 from tests.conftest import Backend
 from tests.helpers import eventually
+from tests.streams import RecordedCall
 from tests.suite import Suite, running_suite
 
 A, S, N = "alice@example.com", "sam@example.com", "nora@example.com"
@@ -24,30 +23,12 @@ ONLINE, OFFLINE, DND = aw.STATUS_ONLINE, aw.STATUS_OFFLINE, aw.STATUS_DND
 TYPING, PAUSED = aw.STATUS_TYPING, aw.STATUS_PAUSED
 
 
-class Stream:
+class Stream(RecordedCall):
     """One device's open awareness stream, recording what arrives."""
 
     def __init__(self, call: Any, opened: aw.OpenResponse) -> None:
-        self.call = call
+        super().__init__(call)
         self.opened = opened
-        self.frames: list[aw.ConnectResponse] = []
-        self.ended: grpc.aio.AioRpcError | None = None
-        self.finished = False
-        self._seq = itertools.count(1)
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while (frame := await self.call.read()) is not grpc.aio.EOF:
-                self.frames.append(frame)
-        except grpc.aio.AioRpcError as err:
-            self.ended = err
-        except asyncio.CancelledError:
-            pass
-        self.finished = True
-
-    def of(self, kind: str) -> list[Any]:
-        return [getattr(f, kind) for f in self.frames if f.WhichOneof("frame") == kind]
 
     def presences(self, eid: str) -> list[int]:
         return [p.status for p in self.of("presence") if p.eid == eid]
@@ -68,8 +49,7 @@ class Stream:
         )
 
     async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.stop_reading()
 
 
 async def open_stream(suite: Suite, channel: grpc.aio.Channel, eid: str, device: str) -> Stream:
