@@ -9,6 +9,8 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 
 class Clock(Protocol):
     def now(self) -> datetime:
@@ -81,3 +83,10 @@ class FakeClock:
         self._mono = target
         for _ in range(5):
             await asyncio.sleep(0)
+
+
+def timestamp(at: datetime) -> Timestamp:
+    """`at` as a protobuf Timestamp (what every frame and message carries)."""
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts

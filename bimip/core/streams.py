@@ -1,9 +1,10 @@
-"""What every client stream shares: its first frame must be `open`, and come soon."""
+"""What every service's streams share: the first frame is `open` and comes soon; work that must
+run to its end even when a handler is cancelled."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -32,3 +33,24 @@ async def open_frame(requests: AsyncIterator[F], within: float) -> F | None:
             grpc.StatusCode.FAILED_PRECONDITION, "OPEN_REQUIRED", "the first frame of a stream must be `open`"
         )
     return first
+
+
+T = TypeVar("T")
+
+
+class RunToEnd:
+    """Work that must finish even when the caller is cancelled — a stream's leaving, a database
+    read (one cut off mid-query makes the driver tear its connection down) — and that shutdown
+    waits for with `drain`."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -56,7 +56,7 @@ class AwarenessApp:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.hub.stop()
-        await asyncio.gather(*list(self.streams.leaving), return_exceptions=True)
+        await self.streams.leaving.drain()
         await self.link.close()
         await self.writer_engine.dispose()
 

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bimip.awareness.v1 import awareness_pb2 as aw
-from bimip.core.clock import Clock
+from bimip.core.clock import Clock, timestamp
 from bimip.core.pubsub import Bus
+from bimip.core.storage import dialect_insert
 from services.awareness import store
 
 ONLINE, OFFLINE = aw.STATUS_ONLINE, aw.STATUS_OFFLINE
@@ -36,12 +35,6 @@ def presence_channel(eid: str) -> str:
 
 def user_channel(eid: str) -> str:
     return f"aw-user:{eid}"
-
-
-def timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
 
 
 class DeviceRegistry(Protocol):
@@ -187,7 +180,7 @@ class Presence:
 
     async def _save(self, eid: str, **values: Any) -> None:
         u = store.users
-        insert = (postgresql.insert if self.writer.dialect.name == "postgresql" else sqlite.insert)(u)
+        insert = dialect_insert(self.writer, u)
         async with self.writer.begin() as conn:
             await conn.execute(
                 insert.values(eid=eid, **values).on_conflict_do_update(index_elements=[u.c.eid], set_=values)

@@ -16,13 +16,13 @@ from bimip.awareness.v1 import awareness_pb2, awareness_pb2_grpc
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.common.v1 import common_pb2
 from bimip.core.auth import current_principal
-from bimip.core.clock import Clock
+from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError, invalid
-from bimip.core.streams import open_frame
+from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2
 from services.awareness.config import AwarenessSettings
 from services.awareness.messaging_link import PresenceLink
-from services.awareness.presence import INTENTS, Presence, timestamp, user_channel
+from services.awareness.presence import INTENTS, Presence, user_channel
 from services.awareness.streams import AwarenessStream, StreamHub
 from services.awareness.subscriptions import Subscriptions, check_other
 
@@ -139,7 +139,7 @@ class AwarenessStreams:
         self.presence = presence
         self.subscriptions = subscriptions
         self.link = link
-        self.leaving: set[asyncio.Task[None]] = set()
+        self.leaving = RunToEnd()
 
     async def subscription_changed(self, subscriber: str, target: str, state: int) -> None:
         """Tell both users' devices; an approval carries the target's presence (A6)."""
@@ -205,11 +205,8 @@ class AwarenessStreams:
         finally:
             # The leaving runs in a task of its own: a handler cancelled again while it waits must
             # not leave the device ONLINE (A5) or a peer "typing" (A3).
-            leaving = asyncio.ensure_future(self._leave(stream, tasks))
-            self.leaving.add(leaving)
-            leaving.add_done_callback(self.leaving.discard)
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(leaving)
+                await self.leaving.run(self._leave(stream, tasks))
 
     async def _leave(self, stream: AwarenessStream, tasks: list[asyncio.Task[Any]]) -> None:
         stream.closed = True

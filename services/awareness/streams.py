@@ -21,10 +21,10 @@ from opentelemetry.trace import Tracer
 
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.common.v1 import common_pb2
-from bimip.core.clock import Clock
+from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError
 from bimip.core.pubsub import Bus, BusMessage, Subscription, consumer_span
-from services.awareness.presence import presence_channel, timestamp, user_channel
+from services.awareness.presence import presence_channel, user_channel
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,11 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bimip.awareness.v1 import awareness_pb2
-from bimip.core.clock import Clock
+from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError, invalid
 from bimip.core.ids import eid_problem
 from bimip.messaging.v1 import internal_pb2
@@ -31,18 +30,12 @@ DENIED = awareness_pb2.SUBSCRIPTION_STATE_DENIED
 REMOVED = awareness_pb2.SUBSCRIPTION_STATE_REMOVED
 
 
-def _timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
-
-
 def _subscription(subscriber: str, target: str, state: int, at: datetime) -> awareness_pb2.Subscription:
     return awareness_pb2.Subscription(
         subscriber_eid=subscriber,
         target_eid=target,
         state=awareness_pb2.SubscriptionState.ValueType(state),
-        updated_at=_timestamp(at),
+        updated_at=timestamp(at),
     )
 
 

@@ -37,6 +37,7 @@ from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
 from bimip.core.pubsub import Bus, Subscription, consumer_span
+from bimip.core.streams import RunToEnd
 from bimip.messaging.v1 import messaging_pb2
 from services.messaging import store
 from services.messaging.ops import device_channel, log_channel
@@ -436,7 +437,7 @@ class Hub:
         self._subscription: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
         self._recheck: asyncio.Task[None] | None = None
-        self._reads: set[asyncio.Task[Any]] = set()
+        self.reads = RunToEnd()
         self._heads: dict[str, int] = {}
         self._tails: dict[str, deque[Row]] = {}
         self._lock = asyncio.Lock()
@@ -462,16 +463,8 @@ class Hub:
             await self._subscription.close()
 
     async def shielded(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run a database read so that cancelling the caller does not cancel the read: a read cut
-        off mid-query would make the driver tear its connection down. `drain` waits for them."""
-        task = asyncio.ensure_future(work)
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
-        return await asyncio.shield(task)
-
-    async def drain(self) -> None:
-        """Wait for the reads still running (at shutdown, before the engine goes)."""
-        await asyncio.gather(*list(self._reads), return_exceptions=True)
+        """Run a database read to its end even if the caller is cancelled (`RunToEnd`)."""
+        return await self.reads.run(work)
 
     async def read_log(
         self, eid: str, after: int, limit: int, *, peer_eid: str | None = None, upto: int | None = None

@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry.context import Context
 from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 
 from bimip.common.v1 import common_pb2
+from bimip.core.clock import timestamp
 from bimip.core.errors import BimipError
 from bimip.core.ids import UlidGenerator
 from bimip.messaging.v1 import messaging_pb2
@@ -39,12 +39,6 @@ def log_channel(eid: str) -> str:
 def device_channel(eid: str, device_id: str) -> str:
     """Where one device's streams hear about each other and about flushes and replays (JSON)."""
     return f"msg-dev:{eid}/{device_id}"
-
-
-def timestamp(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
 
 
 def content_hash(message: common_pb2.Message) -> bytes:

@@ -23,12 +23,13 @@ from sqlalchemy import select
 
 from bimip.common.v1 import common_pb2
 from bimip.core.auth import Principal, current_principal
+from bimip.core.clock import timestamp
 from bimip.core.errors import BimipError, invalid
 from bimip.core.ids import UlidGenerator, device_id_problem, eid_problem
 from bimip.core.pubsub import BusError
 from bimip.core.server import Runtime
 from bimip.core.storage import create_engine
-from bimip.core.streams import open_frame
+from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 from services.messaging import store
 from services.messaging.config import MessagingSettings
@@ -55,7 +56,6 @@ from services.messaging.ops import (
     device_channel,
     log_channel,
     prepare_batch,
-    timestamp,
 )
 from services.messaging.writer import Append, Writer
 
@@ -132,6 +132,7 @@ class Messaging:
         self._seen: dict[tuple[str, str], float] = {}
         self._purger: asyncio.Task[None] | None = None
         self.sessions: set[_Session] = set()
+        self.closing = RunToEnd()
         self.links: set[_LogLink] = set()
 
     async def start(self) -> None:
@@ -167,7 +168,8 @@ class Messaging:
         tasks = [t for session in list(self.sessions) for t in session.cancel()]
         tasks += [t for link in list(self.links) for t in link.cancel()]
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.hub.drain()
+        await self.closing.drain()
+        await self.hub.reads.drain()
         await self.writer.stop()
         await self.hub.stop()
         await self.writer_engine.dispose()
@@ -541,9 +543,9 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                     return
                 yield item
         finally:
-            # In a task of its own: a handler cancelled again while it waits still unregisters.
+            # To its end: a handler cancelled again while it waits still unregisters.
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(asyncio.ensure_future(session.close()))
+                await core.closing.run(session.close())
 
     async def SendMessage(
         self, request: messaging_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -672,13 +674,7 @@ class _Session:
         which = request.WhichOneof("frame")
         seq = request.seq
         parent = _frame_context(request.trace_context)
-        if which == "send":
-            try:
-                # Checked before the write is queued, so a refused send costs nothing.
-                self.core.check_message(request.send.message)
-            except BimipError as err:
-                await self._error(seq, err)
-                return
+        if which == "send":  # checked in `send`, before anything is queued
             self._spawn(self._send(seq, request.send.message, parent))
         elif which == "ack":
             if request.ack.offset < 0:

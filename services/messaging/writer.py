@@ -26,13 +26,13 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Tracer
 from sqlalchemy import Table, insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
+from bimip.core.storage import dialect_insert
 from services.messaging import store
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Tx:
 
     def upsert(self, table: Table) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
-        return (postgresql.insert if self.postgres else sqlite.insert)(table)
+        return dialect_insert(self.conn, table)
 
     def lock(self, statement: Any) -> Any:
         """SELECT … FOR UPDATE on PostgreSQL; SQLite's writer already holds the database lock."""
