@@ -49,11 +49,27 @@ __all__ = [
     "RedisBus",
     "Subscription",
     "consumer_span",
+    "redis_client",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 10_000
+REDIS_POOL_SIZE = 64
+"""Connections per Redis client. A burst of commands beyond it waits for a free connection (up to
+the socket timeout) instead of failing, as redis-py's default pool does past 100."""
+
+
+def redis_client(url: str, *, socket_timeout: float = 5.0, **options: Any) -> aioredis.Redis:
+    """A Redis client on a bounded, blocking connection pool of `REDIS_POOL_SIZE` connections."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        **options,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 class BusError(Exception):
@@ -520,7 +536,7 @@ class RedisBus(_BusBase):
             "client_name": client_name,
         }
         # Commands: a couple of quick retries ride over a blip without holding an RPC for long.
-        self._client = aioredis.Redis.from_url(
+        self._client = redis_client(
             url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2), **common
         )
         # The subscriber connection must never reconnect behind our back: redis-py would resubscribe

@@ -35,6 +35,7 @@ from bimip.core.clock import Clock, SystemClock
 from bimip.core.config import CoreSettings
 from bimip.core.errors import invalid
 from bimip.core.pubsub import Bus, InProcessBus, RedisBus
+from bimip.core.pubsub import redis_client as pooled_redis
 from bimip.core.storage import create_engine, migrate, ping
 from bimip.core.telemetry import Telemetry, setup_telemetry
 
@@ -106,9 +107,7 @@ async def build_runtime(
     bus: Bus
     revocations: Revocations
     if settings.redis_url is not None:
-        import redis.asyncio as aioredis
-
-        redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        redis_client = pooled_redis(settings.redis_url, socket_connect_timeout=2)
         telemetry.instrument_redis(redis_client)
         bus = RedisBus(
             settings.redis_url,

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from bimip.core.pubsub import (
+    REDIS_POOL_SIZE,
     Bus,
     BusError,
     BusMessage,
@@ -26,6 +27,7 @@ from bimip.core.pubsub import (
     RedisBus,
     Subscription,
     consumer_span,
+    redis_client,
 )
 from tests.conftest import Backend
 from tests.helpers import eventually
@@ -375,3 +377,19 @@ async def test_redis_wire_format_is_the_envelope(redis_url: str) -> None:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await raw.aclose()
         await bus.close()
+
+
+async def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(redis_url: str) -> None:
+    """Hundreds of concurrent commands (a burst of stream opens) share REDIS_POOL_SIZE connections."""
+    name = f"bimip-t-burst-{uuid.uuid4().hex[:8]}"
+    client = redis_client(redis_url, client_name=name)
+    observer = aioredis.from_url(redis_url)
+    try:
+        results = await asyncio.gather(*(client.incr(name) for _ in range(REDIS_POOL_SIZE * 5)))
+        assert sorted(results) == list(range(1, REDIS_POOL_SIZE * 5 + 1))
+        connections = [c for c in await observer.client_list() if c.get("name") == name]
+        assert 1 <= len(connections) <= REDIS_POOL_SIZE
+    finally:
+        await client.delete(name)
+        await client.aclose()
+        await observer.aclose()
