@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench
+.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench bench-awareness
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -48,6 +48,9 @@ proto-breaking: setup  ## buf breaking against the proto version recorded in pro
 BENCH_ARGS ?=
 bench: setup  ## messaging benchmark, reference workload, embedded backend (~1.5 min); BENCH_ARGS="--backend scale"
 	$(BIN)/python -m bench.messaging $(BENCH_ARGS)
+
+bench-awareness: setup  ## awareness fan-out: 1,000 subscribers on two replicas, PostgreSQL + Redis (~1.5 min)
+	$(BIN)/python -m bench.awareness $(BENCH_ARGS)
 
 fmt: setup
 	$(BIN)/ruff format .

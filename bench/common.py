@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from multiprocessing.connection import Connection
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -59,6 +59,16 @@ class Workload:
         return asdict(self)
 
 
+class Window(Protocol):
+    """A run's warm-up and measured duration, in seconds."""
+
+    @property
+    def warmup(self) -> float: ...
+
+    @property
+    def duration(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class Timeline:
     """One run's clock in a client process (monotonic): send from `start`, measure in
@@ -69,7 +79,7 @@ class Timeline:
     measure_to: float
 
     @classmethod
-    def of(cls, start_at: float, workload: Workload) -> Timeline:
+    def of(cls, start_at: float, workload: Window) -> Timeline:
         start = time.monotonic() + (start_at - time.time())
         return cls(start, start + workload.warmup, start + workload.warmup + workload.duration)
 
@@ -85,6 +95,17 @@ async def sleep_until(t: float) -> None:
     delay = t - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+async def poll_until(condition: Callable[[], bool], within: float, interval: float = 0.01) -> bool:
+    """Wait until `condition()` holds, for state that another process writes (shared memory), which
+    no event in this process announces. False if `within` seconds passed first."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -165,16 +186,22 @@ def cpu_seconds(pid: int) -> float:
 @dataclass
 class ClientsRun(Generic[R]):
     results: list[R]
-    server_cpu: float  # cores the server used during the window (1.0 = one core busy)
+    server_cpu: float  # cores the server processes used during the window (1.0 = one core busy)
     clients_cpu: float  # cores the client processes used together during the window
 
 
 def run_clients(
-    fn: ClientMain[A, R], per_process: Sequence[A], workload: Workload, server_pid: int
+    fn: ClientMain[A, R],
+    per_process: Sequence[A],
+    *,
+    warmup: float,
+    duration: float,
+    server_pids: Sequence[int],
 ) -> ClientsRun[R]:
     """Run `fn(args, ready)` in one spawned process per element of `per_process`; start them all at
     the same moment once every one is ready; return their results in order, with the CPU the server
-    and the clients used during the measurement window."""
+    processes (together) and the clients used during the measurement window [start + warmup,
+    start + warmup + duration)."""
     ctx = multiprocessing.get_context("spawn")
     started: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
     try:
@@ -188,14 +215,15 @@ def run_clients(
         start_at = time.time() + 0.5
         for _, conn in started:
             conn.send(start_at)
-        pids = [server_pid, *(process.pid for process, _ in started if process.pid is not None)]
-        time.sleep(max(0.0, start_at + workload.warmup - time.time()))
+        servers = len(server_pids)
+        pids = [*server_pids, *(process.pid for process, _ in started if process.pid is not None)]
+        time.sleep(max(0.0, start_at + warmup - time.time()))
         before = [cpu_seconds(pid) for pid in pids]
-        time.sleep(workload.duration)
-        used = [(cpu_seconds(pid) - b) / workload.duration for pid, b in zip(pids, before, strict=True)]
+        time.sleep(duration)
+        used = [(cpu_seconds(pid) - b) / duration for pid, b in zip(pids, before, strict=True)]
         limit = DRAIN_S + 60
         results = [_expect(conn, "result", limit) for _, conn in started]
-        return ClientsRun(results, round(used[0], 2), round(sum(used[1:]), 2))
+        return ClientsRun(results, round(sum(used[:servers]), 2), round(sum(used[servers:]), 2))
     finally:
         for process, conn in started:
             process.join(10)

@@ -171,7 +171,13 @@ def run_echo(workload: Workload) -> dict[str, float]:
             EchoClientArgs(address, workload, 2 * len(workload.pairs_of(process)))
             for process in range(workload.processes)
         ]
-        run = run_clients(echo_client, per_process, workload, pid)
+        run = run_clients(
+            echo_client,
+            per_process,
+            warmup=workload.warmup,
+            duration=workload.duration,
+            server_pids=[pid],
+        )
     results = run.results
     latencies = [x for r in results for x in r.latencies]
     return {

@@ -24,21 +24,14 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import (
     CHANNEL_OPTIONS,
@@ -52,151 +45,11 @@ from bench.common import (
     sleep_until,
 )
 from bench.echo import run_echo, workload_arguments, workload_of
+from bench.services import DOMAIN, Suite, running
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123"
-INTERNAL_SECRET = "bench-internal-secret-0123456789abcdef"
-PG_ADMIN_DSN = os.environ.get("BIMIP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("BIMIP_TEST_REDIS", "redis://127.0.0.1:6379/0")
-DOMAIN = "bench.example"
-
-
-# --- the service --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Server:
-    address: str
-    pid: int
-    env: dict[str, str]  # its BIMIP_* settings
-
-    def tokens(self, eid: str) -> tuple[str, str]:
-        from bimip.core.auth import Keys, issue_client_token
-        from bimip.core.config import CoreSettings, load_settings
-
-        keys = Keys.from_settings(load_settings(CoreSettings, self.env))
-        ttl = timedelta(hours=1)
-        return issue_client_token(keys, eid, "d1", ttl), issue_client_token(keys, eid, "d2", ttl)
-
-
-async def _create_database() -> str:
-    import asyncpg  # type: ignore[import-untyped]
-
-    name = f"bimip_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name
-
-
-async def _drop_database(name: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def _drop_namespace(namespace: str) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-def _wait_serving(address: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"the messaging service exited with {process.returncode}:\n{log.read_text()[-4000:]}"
-                )
-            with contextlib.suppress(grpc.RpcError):
-                answer = stub.Check(  # type: ignore[attr-defined]
-                    health_pb2.HealthCheckRequest(service=""), timeout=1
-                )
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the messaging service was not SERVING within {timeout:.0f} s")
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def messaging_server(backend: str) -> Iterator[Server]:
-    """`bimip run messaging` in its own process on a free port, on a fresh database."""
-    from bench.common import free_port
-
-    with tempfile.TemporaryDirectory(prefix="bimip-bench-") as tmp:
-        port = free_port()
-        settings = {
-            "BIMIP_MESSAGING_PORT": str(port),
-            "BIMIP_VAR_DIR": tmp,
-            "BIMIP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/b.db",
-            "BIMIP_JWT_SECRET": JWT_SECRET,
-            "BIMIP_INTERNAL_SECRET": INTERNAL_SECRET,
-            "BIMIP_SEND_RATE": "100000",
-            "BIMIP_SEND_BURST": "100000",
-            "BIMIP_LOG_LEVEL": "WARNING",
-            "BIMIP_SHUTDOWN_GRACE_S": "1",
-        }
-        database = namespace = None
-        try:
-            if backend == "scale":
-                database = asyncio.run(_create_database())
-                namespace = f"bench-{uuid.uuid4().hex[:8]}"
-                base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-                settings |= {
-                    "BIMIP_DATABASE_URL": f"{base}/{database}",
-                    "BIMIP_REDIS_URL": REDIS_URL,
-                    "BIMIP_REDIS_NAMESPACE": namespace,
-                    "BIMIP_MIGRATE_ON_START": "true",
-                }
-            # Nothing inherited may change the service: no other BIMIP_* variable, no trace export.
-            inherited = {
-                k: v for k, v in os.environ.items() if not k.startswith(("BIMIP_", "OTEL_EXPORTER_OTLP"))
-            }
-            log = Path(tmp) / "messaging.log"
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "bimip"), "run", "messaging"],
-                    env=inherited | settings,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            try:
-                address = f"127.0.0.1:{port}"
-                _wait_serving(address, process, log)
-                yield Server(address, process.pid, settings)
-            finally:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-                problems = [line for line in log.read_text().splitlines() if "ERROR" in line]
-                if problems:
-                    first = problems[0][:2000]
-                    print(f"service: {len(problems)} ERROR line(s), first: {first}", file=sys.stderr)
-        finally:
-            if database is not None:
-                asyncio.run(_drop_database(database))
-            if namespace is not None:
-                asyncio.run(_drop_namespace(namespace))
 
 
 # --- one client process -------------------------------------------------------------------------
@@ -472,22 +325,31 @@ async def messaging_client(args: ClientArgs, ready: Ready) -> ClientResult:
 # --- the runs -----------------------------------------------------------------------------------
 
 
-def run_messaging(server: Server, workload: Workload, label: str, rate: float | None) -> dict[str, Any]:
+def run_messaging(server: Suite, workload: Workload, label: str, rate: float | None) -> dict[str, Any]:
     """One run with fresh users (eids `<label><n>@bench.example`): closed loop, or paced at `rate`
     messages per second in total."""
     eids = [f"{label}{i}@{DOMAIN}" for i in range(workload.users)]
-    users = [UserSpec(i, eids[i], eids[i ^ 1], server.tokens(eids[i])) for i in range(workload.users)]
+    users = [
+        UserSpec(i, eids[i], eids[i ^ 1], (server.token(eids[i], "d1"), server.token(eids[i], "d2")))
+        for i in range(workload.users)
+    ]
     per_sender = None if rate is None else rate / workload.users
     per_process = [
         ClientArgs(
-            server.address,
+            server.addresses("messaging")[0],
             workload,
             tuple(user for pair in workload.pairs_of(p) for user in users[2 * pair : 2 * pair + 2]),
             per_sender,
         )
         for p in range(workload.processes)
     ]
-    clients = run_clients(messaging_client, per_process, workload, server.pid)
+    clients = run_clients(
+        messaging_client,
+        per_process,
+        warmup=workload.warmup,
+        duration=workload.duration,
+        server_pids=server.pids,
+    )
     results = clients.results
     counts: Counter[str] = Counter()
     for r in results:
@@ -566,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {json.dumps(workload.as_dict())}", flush=True)
     done("echo", run_echo(workload))
     for backend in ("embedded", "scale") if args.backend == "both" else (args.backend,):
-        with messaging_server(backend) as server:
+        with running(backend, [["messaging"]]) as server:
             peak = run_messaging(server, workload, "u", None)
             done(f"messaging {backend} peak", peak)
             for i, fraction in enumerate(args.pace or [0.5]):
