@@ -11,11 +11,11 @@ from bimip.awareness.v1 import awareness_pb2, awareness_pb2_grpc
 from bimip.core.server import Runtime
 from bimip.core.storage import create_engine
 from services.awareness.config import AwarenessSettings
-from services.awareness.messaging_link import PresenceLink
 from services.awareness.presence import DeviceRegistry, InProcessDevices, Presence, RedisDevices
 from services.awareness.servicer import AwarenessServicer, AwarenessStreams
 from services.awareness.streams import StreamHub
 from services.awareness.subscriptions import Subscriptions
+from services.links import PresenceLink
 
 
 class AwarenessApp:

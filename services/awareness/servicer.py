@@ -21,10 +21,10 @@ from bimip.core.errors import BimipError, invalid
 from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2
 from services.awareness.config import AwarenessSettings
-from services.awareness.messaging_link import PresenceLink
 from services.awareness.presence import INTENTS, Presence, user_channel
 from services.awareness.streams import AwarenessStream, StreamHub
 from services.awareness.subscriptions import Subscriptions, check_other
+from services.links import PresenceLink
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from bimip.core.errors import BimipError, invalid
 from bimip.core.ids import eid_problem
 from bimip.messaging.v1 import internal_pb2
 from services.awareness import store
-from services.awareness.messaging_link import PresenceLink
+from services.links import PresenceLink
 
 PENDING = awareness_pb2.SUBSCRIPTION_STATE_PENDING
 APPROVED = awareness_pb2.SUBSCRIPTION_STATE_APPROVED

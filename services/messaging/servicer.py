@@ -165,7 +165,7 @@ class Messaging:
         for stream in list(self.hub.streams.values()):
             stream.end(shutting)
         # Nothing of a stream may still read or write once the engines are disposed.
-        tasks = [t for session in list(self.sessions) for t in session.cancel()]
+        tasks: list[asyncio.Future[Any]] = [t for session in list(self.sessions) for t in session.cancel()]
         tasks += [t for link in list(self.links) for t in link.cancel()]
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.closing.drain()
@@ -646,10 +646,11 @@ class _Session:
                 key = self.core.connection_key(self.stream.eid, self.stream.device_id)
                 await redis.eval(_DELETE_IF_MINE, 1, key, self.stream.sid)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _put(self, frame: messaging_pb2.ConnectResponse) -> None:
         if not self.stream.closed:
@@ -956,9 +957,10 @@ class _LogLink:
         self.core = core
         self.out: asyncio.Queue[internal_pb2.LogLinkResponse | None] = asyncio.Queue(256)
         self.credits: dict[int, asyncio.Semaphore] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.reads: dict[int, asyncio.Future[Any]] = {}
+        self.tasks: set[asyncio.Future[Any]] = set()
 
-    def cancel(self) -> list[asyncio.Task[Any]]:
+    def cancel(self) -> list[asyncio.Future[Any]]:
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -968,10 +970,11 @@ class _LogLink:
         await asyncio.gather(*self.cancel(), return_exceptions=True)
         self.core.links.discard(self)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def read(self, requests: AsyncIterator[internal_pb2.LogLinkRequest]) -> None:
         try:
@@ -980,10 +983,14 @@ class _LogLink:
                 which = request.WhichOneof("op")
                 if which == "read":
                     self.credits[seq] = asyncio.Semaphore(max(1, request.read.initial_credit))
-                    self._spawn(self._guard(seq, self._read_log(seq, request.read)))
+                    self.reads[seq] = self._spawn(self._guard(seq, self._read_log(seq, request.read)))
                 elif which == "credit":
                     semaphore = self.credits.get(seq)
-                    if semaphore is None:
+                    if request.credit.cancel:
+                        self.credits.pop(seq, None)
+                        if (reading := self.reads.pop(seq, None)) is not None:
+                            reading.cancel()
+                    elif semaphore is None:
                         await self._error(
                             seq, invalid("UNKNOWN_READ", "no read is open with this seq", field="seq")
                         )
@@ -1076,6 +1083,7 @@ class _LogLink:
                     return
         finally:
             self.credits.pop(seq, None)
+            self.reads.pop(seq, None)
 
     async def _append(self, seq: int, append: internal_pb2.AppendMessages) -> None:
         core = self.core

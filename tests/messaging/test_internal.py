@@ -180,6 +180,17 @@ async def test_log_link_reads_with_credit(suite: Suite) -> None:
                 assert refused.error.reason == reason
             (unknown,) = await log.ask(7, credit=internal_pb2.ReadCredit(pages=1))
             assert unknown.error.reason == "UNKNOWN_READ"
+            # A reader that has what it wanted ends the read: later credit finds no read.
+            partial = internal_pb2.ReadLog(reader=_id(A), after_offset=0, page_size=1, initial_credit=1)
+            (one,) = await log.ask(8, read=partial)
+            assert one.page.more
+            await log.call.write(
+                internal_pb2.LogLinkRequest(seq=8, credit=internal_pb2.ReadCredit(cancel=True))
+            )
+            ended = internal_pb2.LogLinkRequest(seq=8, credit=internal_pb2.ReadCredit(pages=5))
+            await log.call.write(ended)
+            (_, after_cancel) = await log.wait(8, 2)
+            assert after_cancel.error.reason == "UNKNOWN_READ"  # no second page was sent
         finally:
             await log.close()
 

@@ -292,20 +292,24 @@ Global___ReadLog: _TypeAlias = ReadLog  # noqa: Y015
 
 @_typing.final
 class ReadCredit(_message.Message):
-    """ReadCredit lets the read with this seq send `pages` more pages."""
+    """ReadCredit lets the read with this seq send `pages` more pages, or ends it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGES_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     pages: _builtins.int
+    cancel: _builtins.bool
+    """End the read: no more pages are sent (the reader has what it wanted)."""
     def __init__(
         self,
         *,
         pages: _builtins.int = ...,
+        cancel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "pages", b"pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
