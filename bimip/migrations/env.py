@@ -20,7 +20,8 @@ from sqlmodel import SQLModel
 
 # Every service's store module, so that SQLModel.metadata holds every table (autogenerate, checks).
 import services.awareness.store
-import services.messaging.store  # noqa: F401
+import services.messaging.store
+import services.sync.store  # noqa: F401
 from bimip.core.storage import UtcDateTime, create_engine
 
 # Any constant works; every migrator of one PostgreSQL database must use the same one.

@@ -30,7 +30,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, Tracer
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bimip.common.v1 import common_pb2
@@ -105,15 +105,28 @@ async def read_log(
     upto: int | None = None,
 ) -> list[Row]:
     """Entries of `eid`'s log after `after`, in offset order (on the primary key: cost ∝ the page)."""
+    async with engine.connect() as conn:
+        result = await conn.execute(read_log_query(eid, after, limit, peer_eid=peer_eid, upto=upto))
+        return [Row(*r) for r in result]
+
+
+def read_log_query(
+    eid: str, after: int, limit: int, *, peer_eid: str | None = None, upto: int | None = None
+) -> Select[Any]:
+    """The one query every log read runs: a range of the primary key (eid, offset).
+
+    Offsets are gap-free (M2), so without a peer filter the page is exactly (after, after + limit]:
+    bounding the range there gives the planner a page-sized estimate, however long the rest of the
+    log is (tests/sync/test_delta_cost.py checks the plan)."""
     e = store.entries
     query = select(*_COLUMNS).where(e.c.eid == eid, e.c.offset > after)
     if peer_eid is not None:
         query = query.where(e.c.peer_eid == peer_eid)
+    else:
+        upto = after + limit if upto is None else min(upto, after + limit)
     if upto is not None:
         query = query.where(e.c.offset <= upto)
-    async with engine.connect() as conn:
-        result = await conn.execute(query.order_by(e.c.offset).limit(limit))
-        return [Row(*r) for r in result]
+    return query.order_by(e.c.offset).limit(limit)
 
 
 def context_of(traceparent: str | None) -> Context | None:

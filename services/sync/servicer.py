@@ -1,13 +1,195 @@
-"""gRPC face of the sync service.
-
-Until the sync rules are built, every RPC answers UNIMPLEMENTED (reason NOT_IMPLEMENTED) through
-the generated base class; authentication already applies.
-"""
+"""gRPC face of the sync service (SPEC §3). Who syncs is the caller the token names: no request
+field can name another user or device."""
 
 from __future__ import annotations
 
-from bimip.sync.v1 import sync_pb2_grpc
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import grpc
+
+from bimip.common.v1 import common_pb2
+from bimip.core.auth import current_principal
+from bimip.core.clock import timestamp
+from bimip.core.errors import BimipError, invalid
+from bimip.core.streams import open_frame
+from bimip.sync.v1 import sync_pb2, sync_pb2_grpc
+from services.sync.core import SyncCore, check_version
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_LOCAL_SEQ_BYTES = 128
+
+
+async def _answer(work: Awaitable[T], context: Context) -> T:
+    try:
+        return await work
+    except BimipError as err:
+        await err.abort(context)
 
 
 class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
-    """Delta, snapshot, resume and hello (SPEC §3)."""
+    """Delta, snapshot, resume, hello and devices (SPEC S1–S6)."""
+
+    def __init__(self, core: SyncCore) -> None:
+        self.core = core
+
+    async def GetDelta(
+        self, request: sync_pb2.GetDeltaRequest, context: Context
+    ) -> sync_pb2.GetDeltaResponse:
+        me = current_principal()
+        return await _answer(
+            self.core.delta(me.eid, me.device_id, request.since_version, request.page_size), context
+        )
+
+    async def StreamDelta(
+        self, request: sync_pb2.StreamDeltaRequest, context: Context
+    ) -> AsyncIterator[sync_pb2.StreamDeltaResponse]:
+        me = current_principal()
+        try:
+            size = self.core.page_size(request.page_size)
+            async with aclosing(self.core.pages(me.eid, me.device_id, request.since_version, size)) as pages:
+                async for page in pages:
+                    yield sync_pb2.StreamDeltaResponse(page=page)
+        except BimipError as err:
+            await err.abort(context)
+
+    async def GetSnapshot(
+        self, request: sync_pb2.GetSnapshotRequest, context: Context
+    ) -> sync_pb2.GetSnapshotResponse:
+        me = current_principal()
+        snapshot = await _answer(self.core.snapshot(me.eid, me.device_id, request.version), context)
+        return sync_pb2.GetSnapshotResponse(snapshot=snapshot)
+
+    async def ResumeSnapshot(
+        self, request: sync_pb2.ResumeSnapshotRequest, context: Context
+    ) -> sync_pb2.ResumeSnapshotResponse:
+        me = current_principal()
+        return await _answer(self.core.resume(me.eid, me.device_id, request), context)
+
+    async def ListDevices(
+        self, request: sync_pb2.ListDevicesRequest, context: Context
+    ) -> sync_pb2.ListDevicesResponse:
+        return await _answer(self.core.devices(current_principal().eid), context)
+
+    async def Hello(
+        self, request_iterator: AsyncIterator[sync_pb2.HelloRequest], context: Context
+    ) -> AsyncIterator[sync_pb2.HelloResponse]:
+        me = current_principal()
+        core = self.core
+        try:
+            first = await open_frame(request_iterator, core.settings.heartbeat_interval_s * 3)
+            if first is None:
+                return
+            check_version(first.open.last_version, "last_version")
+            uploads = await self._uploads(first, request_iterator)
+            # Appended in local-sequence order (S5); each refused on its own.
+            accepted: list[sync_pb2.OfflineMessage] = []
+            for upload in uploads:
+                problem = _local_seq_problem(upload.local_seq)
+                if problem is not None:
+                    refusal = invalid("INVALID_LOCAL_SEQ", problem, field="local_seq")
+                    yield _appended(first.seq, upload, error=refusal)
+                else:
+                    accepted.append(upload)
+            accepted.sort(key=lambda upload: upload.local_seq)
+            results = await core.append(me.eid, me.device_id, [upload.message for upload in accepted])
+            for upload, result in zip(accepted, results, strict=True):
+                if result.HasField("error"):
+                    yield sync_pb2.HelloResponse(
+                        seq=first.seq,
+                        appended=sync_pb2.HelloAppended(
+                            client_id=result.client_id, local_seq=upload.local_seq, error=result.error
+                        ),
+                    )
+                else:
+                    ack = result.ack
+                    yield sync_pb2.HelloResponse(
+                        seq=first.seq,
+                        appended=sync_pb2.HelloAppended(
+                            client_id=result.client_id,
+                            local_seq=upload.local_seq,
+                            offset=ack.offset,
+                            signal_id=ack.signal_id,
+                            duplicate=ack.duplicate,
+                        ),
+                    )
+            # What the device has not seen: its own entries (the uploads too) are left out (S1).
+            head = first.open.last_version
+            size = core.settings.delta_page_size
+            async with aclosing(core.pages(me.eid, me.device_id, first.open.last_version, size)) as pages:
+                async for page in pages:
+                    head = page.head
+                    if page.entries:
+                        yield sync_pb2.HelloResponse(seq=first.seq, page=page)
+            yield sync_pb2.HelloResponse(seq=first.seq, end=sync_pb2.HelloEnd(head=head))
+            async for frame in request_iterator:
+                yield await self._after_end(me.eid, me.device_id, frame)
+        except BimipError as err:
+            await err.abort(context)
+
+    async def _uploads(
+        self, first: sync_pb2.HelloRequest, requests: AsyncIterator[sync_pb2.HelloRequest]
+    ) -> list[sync_pb2.OfflineMessage]:
+        limit = self.core.settings.hello_max_messages
+        uploads = list(first.open.messages)
+        more = first.open.more
+        while True:
+            if len(uploads) > limit:
+                # Nothing is appended: the client sends the same messages again in smaller hellos.
+                raise invalid(
+                    "BATCH_TOO_LARGE", f"at most {limit} offline messages per hello", limit=str(limit)
+                )
+            if not more:
+                return uploads
+            frame = await anext(requests, None)
+            if frame is None or frame.WhichOneof("frame") != "upload":
+                raise BimipError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "UPLOAD_EXPECTED",
+                    "`more` was set: the next frame must be `upload`",
+                )
+            uploads.extend(frame.upload.messages)
+            more = frame.upload.more
+
+    async def _after_end(
+        self, eid: str, device_id: str, frame: sync_pb2.HelloRequest
+    ) -> sync_pb2.HelloResponse:
+        kind = frame.WhichOneof("frame")
+        try:
+            if kind == "ack":
+                cursor = await self.core.ack(eid, device_id, frame.ack.offset)
+                return sync_pb2.HelloResponse(seq=frame.seq, acked=sync_pb2.HelloAcked(cursor=cursor))
+            if kind == "heartbeat":
+                beat = common_pb2.Heartbeat(sent_at=timestamp(self.core.clock.now()))
+                return sync_pb2.HelloResponse(seq=frame.seq, heartbeat=beat)
+            raise BimipError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "FRAME_UNEXPECTED",
+                f"after `end` only `ack` and `heartbeat` frames are accepted, not {kind or 'an empty frame'}",
+            )
+        except BimipError as err:
+            if err.code == grpc.StatusCode.UNAVAILABLE:
+                raise
+            return sync_pb2.HelloResponse(seq=frame.seq, error=err.to_proto())
+
+
+def _local_seq_problem(local_seq: str) -> str | None:
+    if not local_seq:
+        return "local_seq is required (a sortable local sequence such as timestamp:counter:device)"
+    if len(local_seq.encode()) > MAX_LOCAL_SEQ_BYTES:
+        return f"local_seq is longer than {MAX_LOCAL_SEQ_BYTES} bytes"
+    if not local_seq.isprintable():
+        return "local_seq has control characters"
+    return None
+
+
+def _appended(seq: int, upload: sync_pb2.OfflineMessage, *, error: BimipError) -> sync_pb2.HelloResponse:
+    return sync_pb2.HelloResponse(
+        seq=seq,
+        appended=sync_pb2.HelloAppended(
+            client_id=upload.message.client_id, local_seq=upload.local_seq, error=error.to_proto()
+        ),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -171,7 +172,10 @@ async def _call_stream(suite: Suite, metadata: tuple[tuple[str, str], ...] | Non
     async with suite.channel("awareness") as channel:
         stub = awareness_pb2_grpc.AwarenessServiceStub(channel)
         call = stub.Connect(metadata=metadata, timeout=30)
-        await call.write(awareness_pb2.ConnectRequest(open=awareness_pb2.OpenRequest()))
+        # The server may refuse the call before this write goes out; the write then fails on the
+        # client's side (INTERNAL) and the read below raises the status the server sent.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.write(awareness_pb2.ConnectRequest(open=awareness_pb2.OpenRequest()))
         await call.read()
 
 
@@ -201,14 +205,11 @@ async def test_valid_token_reaches_the_service(suite: Suite) -> None:
     token = suite.token("alice@example.com", "phone")
     await _call_unary(suite, (("authorization", f"Bearer {token}"),))
     await _call_stream(suite, (("authorization", f"Bearer {token}"),))
-    # Sync's rules are not built yet: a valid token gets past auth to UNIMPLEMENTED.
     async with suite.channel("sync") as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await sync_pb2_grpc.SyncServiceStub(channel).GetDelta(
-                sync_pb2.GetDeltaRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=30
-            )
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert reason_of(err.value) == "NOT_IMPLEMENTED"
+        answer = await sync_pb2_grpc.SyncServiceStub(channel).GetDelta(
+            sync_pb2.GetDeltaRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=30
+        )
+    assert (answer.head, list(answer.entries)) == (0, [])
 
 
 async def test_health_and_reflection_need_no_token(suite: Suite) -> None:
