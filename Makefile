@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench bench-awareness
+.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench bench-awareness bench-sync
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -51,6 +51,9 @@ bench: setup  ## messaging benchmark, reference workload, embedded backend (~1.5
 
 bench-awareness: setup  ## awareness fan-out: 1,000 subscribers on two replicas, PostgreSQL + Redis (~1.5 min)
 	$(BIN)/python -m bench.awareness $(BENCH_ARGS)
+
+bench-sync: setup  ## sync catch-up of 10,000 and 100,000 entries on logs of 10,000 to 1,000,000 (~4 min)
+	$(BIN)/python -m bench.sync $(BENCH_ARGS)
 
 fmt: setup
 	$(BIN)/ruff format .

@@ -138,15 +138,18 @@ def _stop(process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def running(backend: str, layout: Sequence[Sequence[str]]) -> Iterator[Suite]:
+def running(
+    backend: str, layout: Sequence[Sequence[str]], extra: dict[str, str] | None = None
+) -> Iterator[Suite]:
     """Start one `bimip run <services…>` process per element of `layout`, in order, each on free
-    ports, all on one fresh backend. Awareness and sync use the messaging of their own process, or
-    else the first process that runs it."""
+    ports, all on one fresh backend, with `extra` settings on top of the benchmark's own. Awareness
+    and sync use the messaging of their own process, or else the first process that runs it."""
     with tempfile.TemporaryDirectory(prefix="bimip-bench-") as tmp:
         settings = BASE_SETTINGS | {
             "BIMIP_VAR_DIR": tmp,
             "BIMIP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/b.db",
         }
+        settings |= extra or {}
         database = namespace = None
         try:
             if backend == "scale":
