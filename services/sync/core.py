@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError, invalid
-from bimip.core.ranges import RangeHasher, range_of, ranges_upto
+from bimip.core.ranges import RANGE_SIZE, RangeHasher, range_of, ranges_upto
 from bimip.core.storage import dialect_insert
 from bimip.core.streams import RunToEnd
 from bimip.sync.v1 import sync_pb2
@@ -215,14 +215,39 @@ class SyncCore:
     # --- resume (S4) ---
 
     async def range_digests(self, eid: str, device_id: str, version: int) -> dict[int, bytes]:
-        hasher = RangeHasher(version)
-        if version > 0:
-            async with aclosing(self.link.read(eid, device_id, 0, page_size=FOLD_PAGE_SIZE)) as reads:
+        """The device's digest of every range up to `version`. Full ranges are hashed once and
+        kept (`sync_ranges`); only the ranges after the kept ones are read and hashed."""
+        full = version // RANGE_SIZE  # ranges 0..full-1 lie wholly at or below the version
+        r = store.ranges
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(r.c.range_index, r.c.sha256).where(
+                    r.c.eid == eid, r.c.device_id == device_id, r.c.range_index < full
+                )
+            )
+            kept = {int(k): bytes(digest) for k, digest in rows}
+        start = next((k for k in range(full) if k not in kept), full)
+        digests = {k: kept[k] for k in range(start)}
+        if start < ranges_upto(version):
+            hasher = RangeHasher(version)
+            async with aclosing(
+                self.link.read(eid, device_id, start * RANGE_SIZE, page_size=FOLD_PAGE_SIZE)
+            ) as reads:
                 async for page in reads:
                     hasher.add_all(page.entries)
                     if page.next_after >= version:
                         break
-        return hasher.digests()
+            hashed = hasher.digests()
+            digests |= {k: hashed[k] for k in range(start, ranges_upto(version))}
+            if start < full:
+                new_rows = [
+                    {"eid": eid, "device_id": device_id, "range_index": k, "sha256": hashed[k]}
+                    for k in range(start, full)
+                ]
+                insert = dialect_insert(self.writer, r).values(new_rows).on_conflict_do_nothing()
+                async with self.writer.begin() as conn:
+                    await conn.execute(insert)
+        return digests
 
     async def _resume_version(self, eid: str, request: sync_pb2.ResumeSnapshotRequest) -> tuple[int, Any]:
         if request.WhichOneof("base") == "snapshot_id":
@@ -279,7 +304,8 @@ class SyncCore:
         response = sync_pb2.ResumeSnapshotResponse(version=version)
         if differing:
             repairs = {k: sync_pb2.RangeRepair(range_index=k, sha256=ours[k]) for k in differing}
-            async with aclosing(self.link.read(eid, device_id, 0, page_size=FOLD_PAGE_SIZE)) as reads:
+            after = differing[0] * RANGE_SIZE
+            async with aclosing(self.link.read(eid, device_id, after, page_size=FOLD_PAGE_SIZE)) as reads:
                 async for page in reads:
                     for entry in page.entries:
                         repair = repairs.get(range_of(entry.offset))

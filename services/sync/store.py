@@ -35,3 +35,15 @@ device_snapshots = Table(
     Column("at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("eid", "device_id", name="pk_sync_device_snapshots"),
 )
+
+ranges = Table(
+    "sync_ranges",
+    SQLModel.metadata,
+    # The SHA-256 of each full range of a device's view of the log (S4): entries never change once
+    # written, so a full range's digest never does, and a snapshot or resume hashes only what is new.
+    Column("eid", _EID, nullable=False),
+    Column("device_id", String(256), nullable=False),
+    Column("range_index", BigInteger(), nullable=False),
+    Column("sha256", LargeBinary(), nullable=False),
+    PrimaryKeyConstraint("eid", "device_id", "range_index", name="pk_sync_ranges"),
+)

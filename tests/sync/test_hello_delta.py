@@ -85,6 +85,14 @@ async def test_scenario_5_hello_uploads_offline_messages_and_receives_the_rest(
             (8, True),
         ]
         await retry.close()
+        # A device that lost its local copy says so with its version: that decides what is sent,
+        # and the cursor never moves back.
+        lost = await a1.hello()
+        await lost.open(0)
+        assert (await lost.until_end()).head == 8
+        assert [e.message.client_id for e in lost.entries()] == [f"from-a2-{i}" for i in range(5)]
+        assert (await lost.reply(await lost.write(ack={"offset": 3}))).acked.cursor == 8
+        await lost.close()
         # B received all 8, A1's in local-sequence order.
         b1 = SyncDevice(suite, channel, B, "b1")
         received = [e.message.client_id for e in await b1.everything()]

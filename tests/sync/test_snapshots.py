@@ -118,6 +118,16 @@ async def test_resume_repairs_exactly_the_damaged_and_missing_ranges(
         snapshot = await b1.snapshot()
         ours = RangeHasher(snapshot.version).add_all(local).digests()
         assert {r.range_index: r.sha256 for r in snapshot.ranges} == ours
+        # The two full ranges are kept; the next snapshot hashes only the partial one, alike.
+        engine = create_engine(backend.database_url)
+        try:
+            async with engine.connect() as conn:
+                query = select(store.ranges.c.range_index).where(store.ranges.c.eid == B)
+                assert sorted(k for (k,) in await conn.execute(query)) == [0, 1]
+        finally:
+            await engine.dispose()
+        again = await b1.snapshot()
+        assert {r.range_index: r.sha256 for r in again.ranges} == ours
 
         def ranges(digests: dict[int, bytes]) -> list[sync_pb2.RangeChecksum]:
             return [sync_pb2.RangeChecksum(range_index=k, sha256=d) for k, d in digests.items()]
