@@ -30,6 +30,7 @@ from bimip.core.errors import BimipError, invalid
 from bimip.core.ranges import RANGE_SIZE, RangeHasher, range_of, ranges_upto
 from bimip.core.storage import dialect_insert
 from bimip.core.streams import RunToEnd
+from bimip.messaging.v1 import internal_pb2
 from bimip.sync.v1 import sync_pb2
 from services.links import LogLink
 from services.sync import store
@@ -51,6 +52,13 @@ def check_version(version: int, name: str = "since_version") -> None:
 def snapshot_not_found() -> BimipError:
     # The same answer for an unknown id and for another user's: ids reveal nothing.
     return BimipError(grpc.StatusCode.NOT_FOUND, "SNAPSHOT_NOT_FOUND", "no such snapshot for this user")
+
+
+def _delta(page: internal_pb2.LogPage) -> sync_pb2.GetDeltaResponse:
+    """A LogLink page as a delta page (S2): entries, next version, more, head."""
+    return sync_pb2.GetDeltaResponse(
+        entries=page.entries, next_version=page.next_after, more=page.more, head=page.head
+    )
 
 
 class SyncCore:
@@ -87,9 +95,7 @@ class SyncCore:
         ) as reads:
             async for page in reads:
                 head = page.head
-                yield sync_pb2.GetDeltaResponse(
-                    entries=page.entries, next_version=page.next_after, more=page.more, head=page.head
-                )
+                yield _delta(page)
         self.after_sync(eid, head)
 
     async def delta(self, eid: str, device_id: str, since: int, page_size: int) -> sync_pb2.GetDeltaResponse:
@@ -98,9 +104,7 @@ class SyncCore:
         async with aclosing(reads):
             async for page in reads:
                 self.after_sync(eid, page.head)
-                return sync_pb2.GetDeltaResponse(
-                    entries=page.entries, next_version=page.next_after, more=page.more, head=page.head
-                )
+                return _delta(page)
         raise AssertionError("a read answers at least one page")
 
     # --- snapshots (S3) ---
@@ -108,12 +112,16 @@ class SyncCore:
     async def head(self, eid: str) -> int:
         return (await self.link.devices(eid)).head
 
-    async def _latest_row(self, eid: str, upto: int | None) -> Any:
-        query = select(store.snapshots).where(store.snapshots.c.eid == eid)
+    async def _latest_row(self, eid: str, upto: int | None, *, state: bool = True) -> Any:
+        """The user's latest stored snapshot at or below `upto`; without its (large) fold state
+        unless `state`."""
+        t = store.snapshots
+        columns = list(t.c) if state else [t.c.snapshot_id, t.c.version, t.c.created_at]
+        query = select(*columns).where(t.c.eid == eid)
         if upto is not None:
             query = query.where(store.snapshots.c.version <= upto)
         async with self.engine.connect() as conn:
-            result = await conn.execute(query.order_by(store.snapshots.c.version.desc()).limit(1))
+            result = await conn.execute(query.order_by(t.c.version.desc()).limit(1))
             return result.first()
 
     async def fold_at(self, eid: str, version: int) -> tuple[Fold, Any]:
@@ -196,7 +204,7 @@ class SyncCore:
 
         async def checkpoint() -> None:
             try:
-                row = await self._latest_row(eid, None)
+                row = await self._latest_row(eid, None, state=False)
                 due = head - (row.version if row is not None else 0) >= self.settings.checkpoint_every_entries
                 if row is not None and head > row.version:
                     age = self.clock.now() - row.created_at
