@@ -39,15 +39,6 @@ def unavailable(message: str) -> BimipError:
     return BimipError(grpc.StatusCode.UNAVAILABLE, "MESSAGING_UNAVAILABLE", message)
 
 
-def status_code(number: int) -> grpc.StatusCode:
-    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
-
-
-def raise_error(error: common_pb2.Error) -> None:
-    """Raise the refusal messaging answered with, as the same status and reason."""
-    raise BimipError(status_code(error.code), error.reason, error.message, dict(error.metadata))
-
-
 class _Link(Generic[Req, Resp]):
     """One multiplexed stream to messaging: `request` for one answer, `route` for several."""
 
@@ -127,7 +118,7 @@ class _Link(Generic[Req, Resp]):
         if isinstance(answer, BimipError):
             raise answer
         if answer.HasField("error"):
-            raise_error(answer.error)
+            raise BimipError.from_proto(answer.error)
         return answer
 
     async def current_call(self) -> Any:
@@ -217,20 +208,16 @@ class LogLink(_Link[internal_pb2.LogLinkRequest, internal_pb2.LogLinkResponse]):
         after: int,
         *,
         page_size: int,
-        max_entries: int = 0,
-        include_all: bool = False,
         window: int = 2,
     ) -> AsyncGenerator[internal_pb2.LogPage, None]:
-        """The pages of a read after `after`, as `device_id` sees them (every entry if it is empty
-        or `include_all`). Up to `window` pages are in flight: each page taken grants one more,
-        and leaving early ends the read on messaging's side."""
+        """The pages of a read after `after`, as `device_id` sees them (every entry if it is
+        empty). Up to `window` pages are in flight: each page taken grants one more, and leaving
+        early ends the read on messaging's side."""
         request = internal_pb2.ReadLog(
             reader=common_pb2.Identity(eid=eid, device_id=device_id),
             after_offset=after,
-            max_entries=max_entries,
             page_size=page_size,
             initial_credit=window,
-            include_all=include_all,
         )
         seq, answers = await self.open_route(read=request)
         more = True

@@ -7,8 +7,8 @@ answered with a ``bimip.common.v1.Error`` frame with the same code and reason, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NoReturn
+from collections.abc import Awaitable, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -41,6 +41,11 @@ class BimipError(Exception):
             code=self.code.value[0], reason=self.reason, message=self.message, metadata=self.metadata
         )
 
+    @classmethod
+    def from_proto(cls, error: common_pb2.Error) -> BimipError:
+        """The refusal another service answered with, as the same status and reason."""
+        return cls(status_code(error.code), error.reason, error.message, dict(error.metadata))
+
     def to_status(self) -> grpc.Status:
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
         detail = any_pb2.Any()
@@ -52,6 +57,22 @@ class BimipError(Exception):
         status = self.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises")
+
+
+T = TypeVar("T")
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code with this number (as `Error.code` carries it); UNKNOWN if none."""
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
+async def answer(work: Awaitable[T], context: grpc.aio.ServicerContext[Any, Any]) -> T:
+    """The result of a unary handler's work; a BimipError ends the call with its status and reason."""
+    try:
+        return await work
+    except BimipError as err:
+        await err.abort(context)
 
 
 def invalid(reason: str, message: str, **metadata: str) -> BimipError:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import grpc
 
 from bimip.common.v1 import common_pb2
-from bimip.core.errors import reason_of
+from bimip.core.errors import reason_of, status_code
 
 
 class BimipClientError(Exception):
@@ -28,8 +28,7 @@ class BimipClientError(Exception):
 
     @classmethod
     def from_frame(cls, error: common_pb2.Error) -> BimipClientError:
-        code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-        return cls(code, error.reason, error.message, dict(error.metadata))
+        return cls(status_code(error.code), error.reason, error.message, dict(error.metadata))
 
     @classmethod
     def from_rpc(cls, error: grpc.aio.AioRpcError) -> BimipClientError:

@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -17,7 +17,7 @@ from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.common.v1 import common_pb2
 from bimip.core.auth import current_principal
 from bimip.core.clock import Clock, timestamp
-from bimip.core.errors import BimipError, invalid
+from bimip.core.errors import BimipError, answer, invalid
 from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2
 from services.awareness.config import AwarenessSettings
@@ -28,15 +28,7 @@ from services.links import PresenceLink
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def _answer(work: Awaitable[T], context: Context) -> T:
-    try:
-        return await work
-    except BimipError as err:
-        await err.abort(context)
 
 
 class AwarenessServicer(awareness_pb2_grpc.AwarenessServiceServicer):
@@ -61,7 +53,7 @@ class AwarenessServicer(awareness_pb2_grpc.AwarenessServiceServicer):
             )
             return aw.SetIntentResponse(intent=aw.Status.ValueType(intent))
 
-        return await _answer(work(), context)
+        return await answer(work(), context)
 
     async def SetVisibility(
         self, request: aw.SetVisibilityRequest, context: Context
@@ -76,14 +68,14 @@ class AwarenessServicer(awareness_pb2_grpc.AwarenessServiceServicer):
         self, request: awareness_pb2.RequestSubscriptionRequest, context: Context
     ) -> awareness_pb2.RequestSubscriptionResponse:
         caller = current_principal().eid
-        subscription = await _answer(self.subscriptions.request(caller, request.target_eid), context)
+        subscription = await answer(self.subscriptions.request(caller, request.target_eid), context)
         return awareness_pb2.RequestSubscriptionResponse(subscription=subscription)
 
     async def ApproveSubscription(
         self, request: awareness_pb2.ApproveSubscriptionRequest, context: Context
     ) -> awareness_pb2.ApproveSubscriptionResponse:
         caller = current_principal().eid
-        subscription = await _answer(
+        subscription = await answer(
             self.subscriptions.answer(caller, request.subscriber_eid, approve=True), context
         )
         return awareness_pb2.ApproveSubscriptionResponse(subscription=subscription)
@@ -92,7 +84,7 @@ class AwarenessServicer(awareness_pb2_grpc.AwarenessServiceServicer):
         self, request: awareness_pb2.DenySubscriptionRequest, context: Context
     ) -> awareness_pb2.DenySubscriptionResponse:
         caller = current_principal().eid
-        subscription = await _answer(
+        subscription = await answer(
             self.subscriptions.answer(caller, request.subscriber_eid, approve=False), context
         )
         return awareness_pb2.DenySubscriptionResponse(subscription=subscription)
@@ -100,25 +92,25 @@ class AwarenessServicer(awareness_pb2_grpc.AwarenessServiceServicer):
     async def Unsubscribe(
         self, request: awareness_pb2.UnsubscribeRequest, context: Context
     ) -> awareness_pb2.UnsubscribeResponse:
-        await _answer(self.subscriptions.unsubscribe(current_principal().eid, request.target_eid), context)
+        await answer(self.subscriptions.unsubscribe(current_principal().eid, request.target_eid), context)
         return awareness_pb2.UnsubscribeResponse()
 
     async def Block(
         self, request: awareness_pb2.BlockRequest, context: Context
     ) -> awareness_pb2.BlockResponse:
-        await _answer(self.subscriptions.block(current_principal().eid, request.eid, blocked=True), context)
+        await answer(self.subscriptions.block(current_principal().eid, request.eid, blocked=True), context)
         return awareness_pb2.BlockResponse()
 
     async def Unblock(
         self, request: awareness_pb2.UnblockRequest, context: Context
     ) -> awareness_pb2.UnblockResponse:
-        await _answer(self.subscriptions.block(current_principal().eid, request.eid, blocked=False), context)
+        await answer(self.subscriptions.block(current_principal().eid, request.eid, blocked=False), context)
         return awareness_pb2.UnblockResponse()
 
     async def ListSubscriptions(
         self, request: awareness_pb2.ListSubscriptionsRequest, context: Context
     ) -> awareness_pb2.ListSubscriptionsResponse:
-        return await _answer(self.subscriptions.list(current_principal().eid), context)
+        return await answer(self.subscriptions.list(current_principal().eid), context)
 
 
 class AwarenessStreams:

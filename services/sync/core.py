@@ -107,6 +107,23 @@ class SyncCore:
                 return _delta(page)
         raise AssertionError("a read answers at least one page")
 
+    async def _entries(
+        self, eid: str, device_id: str, after: int, upto: int
+    ) -> AsyncGenerator[common_pb2.Entry, None]:
+        """The entries in (after, upto] as the device sees them (every entry if `device_id` is
+        empty), read in large pages; the read ends at `upto`."""
+        if after >= upto:
+            return
+        reads = self.link.read(eid, device_id, after, page_size=FOLD_PAGE_SIZE)
+        async with aclosing(reads):
+            async for page in reads:
+                for entry in page.entries:
+                    if entry.offset > upto:
+                        return
+                    yield entry
+                if page.next_after >= upto:
+                    return
+
     # --- snapshots (S3) ---
 
     async def head(self, eid: str) -> int:
@@ -130,17 +147,9 @@ class SyncCore:
         if row is not None and row.version == version:
             return Fold.load(row.state), row
         fold = Fold.load(row.state) if row is not None else Fold(eid)
-        if fold.version < version:
-            async with aclosing(
-                self.link.read(eid, "", fold.version, page_size=FOLD_PAGE_SIZE, include_all=True)
-            ) as reads:
-                async for page in reads:
-                    for entry in page.entries:
-                        if entry.offset > version:
-                            break
-                        fold.apply(entry)
-                    if page.next_after >= version:
-                        break
+        async with aclosing(self._entries(eid, "", fold.version, version)) as entries:
+            async for entry in entries:
+                fold.apply(entry)
         fold.version = version
         return fold, None
 
@@ -238,13 +247,9 @@ class SyncCore:
         digests = {k: kept[k] for k in range(start)}
         if start < ranges_upto(version):
             hasher = RangeHasher(version)
-            async with aclosing(
-                self.link.read(eid, device_id, start * RANGE_SIZE, page_size=FOLD_PAGE_SIZE)
-            ) as reads:
-                async for page in reads:
-                    hasher.add_all(page.entries)
-                    if page.next_after >= version:
-                        break
+            async with aclosing(self._entries(eid, device_id, start * RANGE_SIZE, version)) as entries:
+                async for entry in entries:
+                    hasher.add(entry)
             hashed = hasher.digests()
             digests |= {k: hashed[k] for k in range(start, ranges_upto(version))}
             if start < full:
@@ -313,14 +318,10 @@ class SyncCore:
         if differing:
             repairs = {k: sync_pb2.RangeRepair(range_index=k, sha256=ours[k]) for k in differing}
             after = differing[0] * RANGE_SIZE
-            async with aclosing(self.link.read(eid, device_id, after, page_size=FOLD_PAGE_SIZE)) as reads:
-                async for page in reads:
-                    for entry in page.entries:
-                        repair = repairs.get(range_of(entry.offset))
-                        if repair is not None and entry.offset <= version:
-                            repair.entries.append(entry)
-                    if page.next_after >= version:
-                        break
+            async with aclosing(self._entries(eid, device_id, after, version)) as entries:
+                async for entry in entries:
+                    if (repair := repairs.get(range_of(entry.offset))) is not None:
+                        repair.entries.append(entry)
             response.repairs.extend(repairs[k] for k in differing)
         if row is not None:
             await self._record_device_snapshot(eid, device_id, row)

@@ -3,31 +3,24 @@ field can name another user or device."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from bimip.common.v1 import common_pb2
 from bimip.core.auth import current_principal
 from bimip.core.clock import timestamp
-from bimip.core.errors import BimipError, invalid
+from bimip.core.errors import BimipError, answer, invalid
 from bimip.core.streams import open_frame
+from bimip.messaging.v1 import messaging_pb2
 from bimip.sync.v1 import sync_pb2, sync_pb2_grpc
 from services.sync.core import SyncCore, check_version
 
-T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_LOCAL_SEQ_BYTES = 128
-
-
-async def _answer(work: Awaitable[T], context: Context) -> T:
-    try:
-        return await work
-    except BimipError as err:
-        await err.abort(context)
 
 
 class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
@@ -40,7 +33,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.GetDeltaRequest, context: Context
     ) -> sync_pb2.GetDeltaResponse:
         me = current_principal()
-        return await _answer(
+        return await answer(
             self.core.delta(me.eid, me.device_id, request.since_version, request.page_size), context
         )
 
@@ -60,19 +53,19 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.GetSnapshotRequest, context: Context
     ) -> sync_pb2.GetSnapshotResponse:
         me = current_principal()
-        snapshot = await _answer(self.core.snapshot(me.eid, me.device_id, request.version), context)
+        snapshot = await answer(self.core.snapshot(me.eid, me.device_id, request.version), context)
         return sync_pb2.GetSnapshotResponse(snapshot=snapshot)
 
     async def ResumeSnapshot(
         self, request: sync_pb2.ResumeSnapshotRequest, context: Context
     ) -> sync_pb2.ResumeSnapshotResponse:
         me = current_principal()
-        return await _answer(self.core.resume(me.eid, me.device_id, request), context)
+        return await answer(self.core.resume(me.eid, me.device_id, request), context)
 
     async def ListDevices(
         self, request: sync_pb2.ListDevicesRequest, context: Context
     ) -> sync_pb2.ListDevicesResponse:
-        return await _answer(self.core.devices(current_principal().eid), context)
+        return await answer(self.core.devices(current_principal().eid), context)
 
     async def Hello(
         self, request_iterator: AsyncIterator[sync_pb2.HelloRequest], context: Context
@@ -90,32 +83,15 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             for upload in uploads:
                 problem = _local_seq_problem(upload.local_seq)
                 if problem is not None:
-                    refusal = invalid("INVALID_LOCAL_SEQ", problem, field="local_seq")
-                    yield _appended(first.seq, upload, error=refusal)
+                    refusal = invalid("INVALID_LOCAL_SEQ", problem, field="local_seq").to_proto()
+                    yield _appended(first.seq, upload, upload.message.client_id, error=refusal)
                 else:
                     accepted.append(upload)
             accepted.sort(key=lambda upload: upload.local_seq)
             results = await core.append(me.eid, me.device_id, [upload.message for upload in accepted])
             for upload, result in zip(accepted, results, strict=True):
-                if result.HasField("error"):
-                    yield sync_pb2.HelloResponse(
-                        seq=first.seq,
-                        appended=sync_pb2.HelloAppended(
-                            client_id=result.client_id, local_seq=upload.local_seq, error=result.error
-                        ),
-                    )
-                else:
-                    ack = result.ack
-                    yield sync_pb2.HelloResponse(
-                        seq=first.seq,
-                        appended=sync_pb2.HelloAppended(
-                            client_id=result.client_id,
-                            local_seq=upload.local_seq,
-                            offset=ack.offset,
-                            signal_id=ack.signal_id,
-                            duplicate=ack.duplicate,
-                        ),
-                    )
+                outcome = result.error if result.HasField("error") else None
+                yield _appended(first.seq, upload, result.client_id, error=outcome, ack=result.ack)
             # What the device has not seen: its own entries (the uploads too) are left out (S1).
             head = first.open.last_version
             size = core.settings.delta_page_size
@@ -186,10 +162,18 @@ def _local_seq_problem(local_seq: str) -> str | None:
     return None
 
 
-def _appended(seq: int, upload: sync_pb2.OfflineMessage, *, error: BimipError) -> sync_pb2.HelloResponse:
-    return sync_pb2.HelloResponse(
-        seq=seq,
-        appended=sync_pb2.HelloAppended(
-            client_id=upload.message.client_id, local_seq=upload.local_seq, error=error.to_proto()
-        ),
-    )
+def _appended(
+    seq: int,
+    upload: sync_pb2.OfflineMessage,
+    client_id: str,
+    *,
+    error: common_pb2.Error | None,
+    ack: messaging_pb2.SendAck | None = None,
+) -> sync_pb2.HelloResponse:
+    """One upload's outcome: its offset and signal_id, or why it was refused."""
+    appended = sync_pb2.HelloAppended(client_id=client_id, local_seq=upload.local_seq)
+    if error is not None:
+        appended.error.CopyFrom(error)
+    elif ack is not None:
+        appended.offset, appended.signal_id, appended.duplicate = ack.offset, ack.signal_id, ack.duplicate
+    return sync_pb2.HelloResponse(seq=seq, appended=appended)
