@@ -36,13 +36,16 @@ class RangeHasher:
         self._hashes: dict[int, hashlib._Hash] = {}
 
     def add(self, entry: common_pb2.Entry) -> None:
-        if not 0 < entry.offset <= self.version:
+        self.add_serialized(entry.offset, entry.SerializeToString(deterministic=True))
+
+    def add_serialized(self, offset: int, body: bytes) -> None:
+        """Add an entry given as its deterministic serialization (a client's stored copy)."""
+        if not 0 < offset <= self.version:
             return
-        body = entry.SerializeToString(deterministic=True)
-        h = self._hashes.get(k := range_of(entry.offset))
+        h = self._hashes.get(k := range_of(offset))
         if h is None:
             h = self._hashes[k] = hashlib.sha256()
-        h.update(entry.offset.to_bytes(8, "big") + len(body).to_bytes(4, "big") + body)
+        h.update(offset.to_bytes(8, "big") + len(body).to_bytes(4, "big") + body)
 
     def add_all(self, entries: Iterable[common_pb2.Entry]) -> RangeHasher:
         for entry in entries:

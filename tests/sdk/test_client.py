@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -18,63 +16,15 @@ from bimip.sdk import (
     Client,
     ConnectionChanged,
     MessageMirrored,
-    MessageReceived,
-    ReceiptUpdated,
 )
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.processes import free_ports
-from tests.suite import Suite, running_suite
+from tests.sdk.apps import apps
+from tests.suite import running_suite
 
 A, B = "alice@example.com", "bob@example.com"
 DELIVERED, READ = common_pb2.DELIVERY_STATUS_DELIVERED, common_pb2.DELIVERY_STATUS_READ
-
-
-class App:
-    """An application using one Client: it records every event it is given."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.events: list[Any] = []
-        self._task = asyncio.create_task(self._consume())
-
-    async def _consume(self) -> None:
-        async for event in self.client.events():
-            self.events.append(event)
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    def received(self) -> list[str]:
-        return [e.message.client_id for e in self.of(MessageReceived)]
-
-    def statuses(self, client_id: str) -> list[int]:
-        return [e.receipt.status for e in self.of(ReceiptUpdated) if e.receipt.client_id == client_id]
-
-    async def stop(self) -> None:
-        await self.client.close()
-        await asyncio.wait_for(self._task, 10)
-
-
-@contextlib.asynccontextmanager
-async def apps(suite: Suite, tmp_path: Path, *names: str) -> AsyncIterator[list[App]]:
-    started: list[App] = []
-    try:
-        for name in names:
-            eid, device = name.split("/")
-            client = Client(
-                suite.token(eid, device),
-                messaging=suite.address("messaging"),
-                sync=suite.address("sync"),
-                store=tmp_path / f"{eid}-{device}.db",
-                backoff=(0.05, 0.5),
-            )
-            await client.start()
-            started.append(App(client))
-        yield started
-    finally:
-        for app in started:
-            await app.stop()
 
 
 async def test_scenarios_1_and_2_through_the_sdk(backend: Backend, tmp_path: Path) -> None:
@@ -114,7 +64,11 @@ async def test_a_bad_token_is_refused_at_start(backend: Backend, tmp_path: Path)
         token = suite.token(A, "a1")
         forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
         client = Client(
-            forged, messaging=suite.address("messaging"), sync=suite.address("sync"), store=tmp_path / "x.db"
+            forged,
+            messaging=suite.address("messaging"),
+            sync=suite.address("sync"),
+            awareness=None,
+            store=tmp_path / "x.db",
         )
         with pytest.raises(BimipClientError) as info:
             await client.start()

@@ -15,7 +15,8 @@ PATTERNS = [
 def test_every_raised_reason_is_documented() -> None:
     documented = set(re.findall(r"\| `([A-Z_]+)` \|", (ROOT / "docs" / "errors.md").read_text()))
     raised: dict[str, str] = {}
-    for path in [*ROOT.joinpath("services").rglob("*.py"), *ROOT.joinpath("bimip", "core").rglob("*.py")]:
+    sources = ("services",), ("bimip", "core"), ("bimip", "sdk")
+    for path in [p for parts in sources for p in ROOT.joinpath(*parts).rglob("*.py")]:
         text = path.read_text()
         for pattern in PATTERNS:
             for reason in pattern.findall(text):
