@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 from bimip.core.config import (
     ConfigError,
@@ -128,6 +129,38 @@ def _cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from bimip.chat.app import run
+    from bimip.core.auth import Keys, issue_client_token
+    from bimip.core.ids import device_id_problem, eid_problem
+    from bimip.sdk import Client
+
+    core = load_settings(CoreSettings)
+    if args.token:
+        token = args.token
+    else:  # a development token, signed with this machine's settings (the embedded default's)
+        if problem := eid_problem(args.user):
+            raise ConfigError(f"--user: {args.user!r} {problem}")
+        if problem := device_id_problem(args.device):
+            raise ConfigError(f"--device: {args.device!r} {problem}")
+        token = issue_client_token(Keys.from_settings(core), args.user, args.device, timedelta(hours=24))
+    if args.peer and (problem := eid_problem(args.peer)):
+        raise ConfigError(f"--with: {args.peer!r} {problem}")
+    host = "127.0.0.1" if core.host in ("0.0.0.0", "::", "") else core.host
+    store = Path(args.store or Path(core.var_dir) / "chat" / f"{args.user}-{args.device}.db")
+    store.parent.mkdir(parents=True, exist_ok=True)
+    client = Client(
+        token,
+        store=store,
+        messaging=args.messaging or f"{host}:{core.messaging_port}",
+        awareness=args.awareness or f"{host}:{core.awareness_port}",
+        sync=args.sync or f"{host}:{core.sync_port}",
+    )
+    if (client.eid, client.device_id) != (args.user, args.device):
+        raise ConfigError(f"--token names {client.eid}/{client.device_id}, not {args.user}/{args.device}")
+    return run(client, args.peer)
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from bimip.core.storage import current_revision, migrate
 
@@ -168,6 +201,17 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("--token", default="", help="the token itself (its jti and expiry are read from it)")
     revoke.add_argument("--address", default="127.0.0.1:50051", help="a running service (host:port)")
     revoke.set_defaults(func=_cmd_token_revoke)
+
+    chat = sub.add_parser("chat", help="a terminal chat on the Python SDK, against running services")
+    chat.add_argument("--user", required=True, help="your eid, e.g. alice@example.com")
+    chat.add_argument("--device", required=True, help="this device's id, e.g. laptop")
+    chat.add_argument("--with", dest="peer", default=None, help="open the conversation with this eid")
+    chat.add_argument("--token", default="", help="a client token (default: a development token)")
+    chat.add_argument("--store", default="", help="the device's SQLite store (default VAR_DIR/chat/…)")
+    chat.add_argument("--messaging", default="", help="host:port (default: this machine's settings)")
+    chat.add_argument("--awareness", default="", help="host:port")
+    chat.add_argument("--sync", default="", help="host:port")
+    chat.set_defaults(func=_cmd_chat)
 
     mig = sub.add_parser("migrate", help="apply database migrations (production start-up step)")
     mig.add_argument("--revision", default="head", help="revision to upgrade to (default head)")
