@@ -32,6 +32,7 @@ from bimip.sdk import (
 PENDING_SUBSCRIPTION = aw.SUBSCRIPTION_STATE_PENDING
 TYPING_REFRESH_S = 2.5  # re-send TYPING while the draft keeps changing (it expires after 6 s)
 HISTORY = 200
+DRAIN_S = 10.0  # at the end of piped input, how long to wait for unsent messages
 HELP = "/with EID · /away /busy /dnd /online · /hide /show · /quit (or Ctrl-D)"
 INTENTS = {
     "/away": aw.STATUS_AWAY,
@@ -55,6 +56,9 @@ class ChatApp:
         self._typing_sent = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._escape = ""
+        self._sending = 0
+        self._all_sent = asyncio.Event()
+        self._all_sent.set()
 
     # --- running ---
 
@@ -73,6 +77,7 @@ class ChatApp:
             self.redraw()
             await self._done.wait()
         finally:
+            self._draw()  # the last state, whatever redraw was still due
             loop.remove_reader(stdin)
             consumer.cancel()
             for task in [consumer, *self._tasks]:
@@ -81,6 +86,11 @@ class ChatApp:
 
     def quit(self) -> None:
         self._done.set()
+
+    async def _drain_then_quit(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_sent.wait(), DRAIN_S)
+        self.quit()
 
     def spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -169,8 +179,9 @@ class ChatApp:
             data = os.read(fd, 4096)
         except OSError:
             data = b""
-        if not data:
-            self.quit()
+        if not data:  # end of input: quit once what was written has gone out
+            asyncio.get_running_loop().remove_reader(fd)
+            self.spawn(self._drain_then_quit())
             return
         for ch in data.decode("utf-8", errors="ignore"):
             self._key(ch)
@@ -223,6 +234,8 @@ class ChatApp:
         self.spawn(self._send(peer, client_id, text))
 
     async def _send(self, peer: str, client_id: str, text: str) -> None:
+        self._sending += 1
+        self._all_sent.clear()
         try:
             result = await self.client.send(peer, text.encode(), client_id=client_id)
         except BimipClientError as err:
@@ -231,6 +244,10 @@ class ChatApp:
         else:
             if peer == self.conversation.peer:
                 self.conversation.sent(client_id, result)
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._all_sent.set()
         self.redraw()
 
     def _command(self, text: str) -> None:
@@ -263,8 +280,8 @@ class ChatApp:
             self.out.write(HOME_CLEAR + "\r\n".join(rows))
         else:
             rows = self.conversation.render(self.draft, 100, 40, color=False)
-            for row in rows[1:-1]:  # not the header or the input line
-                if row.strip() and not row.startswith("─") and row not in self._printed:
+            for row in rows[1:]:  # not the header, the rule or the input line
+                if row.strip() and not row.startswith(("─", "> ")) and row not in self._printed:
                     self._printed.add(row)
                     self.out.write(row + "\n")
         self.out.flush()

@@ -16,9 +16,11 @@ import pytest
 
 from bimip.chat.model import Conversation
 from bimip.common.v1 import common_pb2
+from bimip.sdk import MessageReceived
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.processes import free_ports
+from tests.sdk.apps import apps
 from tests.suite import JWT_SECRET, Suite, running_suite
 
 A, B = "alice@example.com", "bob@example.com"
@@ -169,3 +171,24 @@ def test_ticks_follow_the_aggregate_status() -> None:
         )
         assert row().endswith(tail)
     assert list(c.lines) == ["s1"] and c.lines["s1"].text == "hi"  # the pending line, now SENT
+
+
+async def test_piped_input_is_sent_and_each_change_is_printed(backend: Backend, tmp_path: Path) -> None:
+    """Without a terminal the chat reads lines and prints each new or changed line; at the end
+    of its input it waits for what was written to go out, then exits."""
+    async with running_suite(backend, tmp_path) as suite:
+        async with apps(suite, tmp_path, f"{B}/phone") as (bob,):
+            process = await asyncio.create_subprocess_exec(
+                *chat(suite, tmp_path, A, "script", B),
+                env={"BIMIP_JWT_SECRET": JWT_SECRET, "BIMIP_VAR_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(b"one\n/busy\ntwo\n"), 60)
+            assert process.returncode == 0, err.decode()
+            printed = out.decode().splitlines()
+            assert any(line.endswith("you        one ✓") for line in printed), printed
+            assert any(line.endswith("you        two ✓") for line in printed), printed
+            assert "you are busy" in printed
+            await eventually(lambda: [e.message.payload for e in bob.of(MessageReceived)] == [b"one", b"two"])
