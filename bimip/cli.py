@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from bimip.core.config import (
     ConfigError,
@@ -161,6 +162,29 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run(client, args.peer)
 
 
+async def _health(address: str, service: str, deadline_s: float) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' types describe the sync API
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline_s)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the service answers SERVING (for container health checks)."""
+    import grpc
+
+    try:
+        status = asyncio.run(_health(args.address, args.service, args.timeout))
+    except grpc.aio.AioRpcError as err:
+        print(f"{args.address}: {err.code().name} {err.details() or ''}".rstrip(), file=sys.stderr)
+        return 1
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from bimip.core.storage import current_revision, migrate
 
@@ -212,6 +236,12 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--awareness", default="", help="host:port")
     chat.add_argument("--sync", default="", help="host:port")
     chat.set_defaults(func=_cmd_chat)
+
+    hc = sub.add_parser("health", help="ask a running service's gRPC health check (exit 0 when SERVING)")
+    hc.add_argument("--address", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051)")
+    hc.add_argument("--service", default="", help="a service name (default: the whole server)")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    hc.set_defaults(func=_cmd_health)
 
     mig = sub.add_parser("migrate", help="apply database migrations (production start-up step)")
     mig.add_argument("--revision", default="head", help="revision to upgrade to (default head)")

@@ -87,6 +87,21 @@ async def test_run_one_service_alone(tmp_path: Path) -> None:
     try:
         await eventually(lambda: _serving(port), timeout=30)
         assert "awareness  listening" in (proc.stdout.readline() if proc.stdout else "")
+        # The container health check: exit 0 when SERVING, 1 otherwise (here: nothing listens).
+        health = [*BIMIP, "health", "--service", "bimip.awareness.v1.AwarenessService"]
+        ok = await asyncio.to_thread(
+            subprocess.run, [*health, f"--address=127.0.0.1:{port}"], capture_output=True, text=True, env=env
+        )
+        assert (ok.returncode, ok.stdout.strip()) == (0, f"127.0.0.1:{port}: SERVING")
+        (closed,) = _free_ports(1)
+        down = await asyncio.to_thread(
+            subprocess.run,
+            [*health, f"--address=127.0.0.1:{closed}"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, timeout=30)
     finally:
