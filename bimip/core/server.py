@@ -195,6 +195,9 @@ class RunningService:
         log.info("stopped", extra={"component": self.name})
 
 
+LIVENESS = "liveness"  # SERVING while the process serves at all, whatever its database and Redis
+
+
 async def _set_health(running: RunningService, ok: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *running.service_names]:
@@ -255,6 +258,7 @@ async def start_service(
     # Evaluate health once before returning, so a started service already reports its state.
     ok = await runtime.healthy()
     await _set_health(running, ok)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     running._watcher = asyncio.create_task(_watch_health(running, ok), name=f"{name}-health")
     log.info("serving", extra={"component": name, "port": bound})
     return running

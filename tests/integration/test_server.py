@@ -99,6 +99,8 @@ async def test_health_follows_the_database(backend: Backend, tmp_path: Path) -> 
                     create_engine(bad_url) if backend.name == "scale" else _broken_sqlite(tmp_path)
                 )
                 await eventually(lambda: _is(channel, health_pb2.HealthCheckResponse.NOT_SERVING), timeout=10)
+                # Readiness fails, liveness does not: restarting the process would not help.
+                assert await health_status(channel, "liveness") == health_pb2.HealthCheckResponse.SERVING
             finally:
                 await runtime.engine.dispose()
                 runtime.engine = good
