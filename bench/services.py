@@ -40,6 +40,7 @@ BASE_SETTINGS = {
     "BIMIP_SEND_BURST": "100000",
     "BIMIP_LOG_LEVEL": "WARNING",
     "BIMIP_SHUTDOWN_GRACE_S": "1",
+    "BIMIP_METRICS_PORT": "0",  # several processes on one machine: any free port each
 }
 PORT_SETTING = {name: f"BIMIP_{name.upper()}_PORT" for name in ("messaging", "awareness", "sync")}
 

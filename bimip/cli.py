@@ -72,6 +72,7 @@ async def _run(names: Sequence[str]) -> int:
             running.append(await start_service(name, factories[name], shared, settings))  # type: ignore[arg-type]
         for service in running:
             print(f"{service.name:<10} listening on {core.host}:{service.port}", flush=True)
+        print(f"{'metrics':<10} on http://{core.host}:{shared.metrics_port}/metrics", flush=True)
         print("BIMIP is running; Ctrl-C stops it gracefully.", flush=True)
         await stop.wait()
         print("shutting down…", flush=True)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any, Generic, TypeVar
 
 import grpc
+from opentelemetry import propagate
 
 from bimip.common.v1 import common_pb2
 from bimip.core.auth import ServiceCredentials
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.05, 0.2, 1.0, 2.0)
+# Client-side balancing: with an address that resolves to every messaging replica (a headless
+# Service, `dns:///messaging-headless…:50051`), the channel keeps a connection to each and a new
+# link stream (after a reconnect) goes to the next one, instead of gRPC's default pick_first.
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 Req = TypeVar("Req", internal_pb2.PresenceLinkRequest, internal_pb2.LogLinkRequest)
 Resp = TypeVar("Resp", internal_pb2.PresenceLinkResponse, internal_pb2.LogLinkResponse)
@@ -102,9 +108,11 @@ class _Link(Generic[Req, Resp]):
         self._routes.pop(seq, None)
 
     async def write(self, call: Any, seq: int, **op: Any) -> None:
+        frame = self._frame(seq, **op)
+        propagate.inject(frame.trace_context)  # the caller's span: the trace crosses the link (X6)
         try:
             async with self._write_lock:
-                await call.write(self._frame(seq, **op))
+                await call.write(frame)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             await self._drop(unavailable(f"the {self.name} to messaging broke: {exc}"))
             raise unavailable(f"the {self.name} to messaging broke; retry") from exc
@@ -136,7 +144,9 @@ class _Link(Generic[Req, Resp]):
                 )
             if self._channel is None:
                 self._channel = grpc.aio.insecure_channel(
-                    self._address, interceptors=self._telemetry.client_interceptors()
+                    self._address,
+                    options=[("grpc.service_config", ROUND_ROBIN)],
+                    interceptors=self._telemetry.client_interceptors(),
                 )
             stub = internal_pb2_grpc.MessagingInternalServiceStub(self._channel)
             self._call = self._open(stub)

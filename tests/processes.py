@@ -58,7 +58,14 @@ class ServiceProcess:
         self.port = port
         self.log_path = log_path
         base = {k: v for k, v in os.environ.items() if not k.startswith(("BIMIP_", "OTEL_"))}
-        self.env = {**base, **env, f"BIMIP_{name.upper()}_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+        # Metrics on any free port unless `env` names one: processes on one machine must not collide.
+        self.env = {
+            **base,
+            "BIMIP_METRICS_PORT": "0",
+            **env,
+            f"BIMIP_{name.upper()}_PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 

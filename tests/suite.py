@@ -32,6 +32,7 @@ def suite_env(backend: Backend, var_dir: Path, **extra: str) -> dict[str, str]:
         "BIMIP_MESSAGING_PORT": "0",
         "BIMIP_AWARENESS_PORT": "0",
         "BIMIP_SYNC_PORT": "0",
+        "BIMIP_METRICS_PORT": "0",
         "BIMIP_MIGRATE_ON_START": "true",
         "BIMIP_SHUTDOWN_GRACE_S": "1",
     }

@@ -47,6 +47,9 @@ class CoreSettings(BaseModel):
     messaging_port: int = Field(50051, ge=0, le=65535, description="Messaging service port (0 = any free)")
     awareness_port: int = Field(50052, ge=0, le=65535, description="Awareness service port (0 = any free)")
     sync_port: int = Field(50053, ge=0, le=65535, description="Sync service port (0 = any free)")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus metrics port, /metrics (0 = any free)"
+    )
     messaging_address: str = Field(
         "127.0.0.1:50051", description="Where awareness and sync reach messaging (host:port)"
     )

@@ -5,6 +5,9 @@ revocations), a ``grpc.aio`` server with the telemetry and auth interceptors, th
 service (SERVING only while the database and Redis answer), reflection and the admin service, and
 starts it. ``RunningService.stop`` is the graceful shutdown: health goes NOT_SERVING, the service
 closes its streams, in-flight calls get the grace period, spans are flushed.
+
+The services of one process share one Prometheus registry (``Shared.metrics``) and one ``/metrics``
+endpoint on ``BIMIP_METRICS_PORT``: the first service started opens it, the last one stopped closes it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from bimip.core.auth import (
 from bimip.core.clock import Clock, SystemClock
 from bimip.core.config import CoreSettings
 from bimip.core.errors import invalid
+from bimip.core.metrics import Metrics, MetricsServer
 from bimip.core.pubsub import Bus, InProcessBus, RedisBus
 from bimip.core.pubsub import redis_client as pooled_redis
 from bimip.core.storage import create_engine, migrate, ping
@@ -46,14 +50,19 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 @dataclass
 class Shared:
-    """What the services of one process share: keys, clock, and the in-process bus and revocations
-    of the embedded default (so that services in one process hear each other, as over Redis)."""
+    """What the services of one process share: keys, clock, the in-process bus and revocations
+    of the embedded default (so that services in one process hear each other, as over Redis), and
+    the metrics with their endpoint."""
 
     settings: CoreSettings
     clock: Clock = field(default_factory=SystemClock)
     keys: Keys | None = None
     bus: InProcessBus | None = None
     revocations: InProcessRevocations | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    _metrics_server: MetricsServer | None = field(default=None, init=False, repr=False)
+    _metrics_users: int = field(default=0, init=False, repr=False)
+    _metrics_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.keys is None:
@@ -63,6 +72,33 @@ class Shared:
                 namespace=self.settings.redis_namespace, origin=self.settings.replica_id
             )
             self.revocations = self.revocations or InProcessRevocations()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on while a service of this process runs (None otherwise)."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    async def open_metrics(self) -> None:
+        """A service starts: the first one opens the /metrics endpoint (OSError if it cannot)."""
+        async with self._metrics_lock:
+            if self._metrics_users == 0:
+                server = MetricsServer(self.metrics.registry)
+                try:
+                    await server.start(self.settings.host, self.settings.metrics_port)
+                except OSError as exc:
+                    where = f"{self.settings.host}:{self.settings.metrics_port}"
+                    raise OSError(f"metrics: cannot listen on {where}: {exc}") from exc
+                self._metrics_server = server
+                log.info("metrics served", extra={"component": "metrics", "port": server.port})
+            self._metrics_users += 1
+
+    async def close_metrics(self) -> None:
+        """A service stopped: the last one closes the endpoint."""
+        async with self._metrics_lock:
+            self._metrics_users -= 1
+            if self._metrics_users == 0 and self._metrics_server is not None:
+                server, self._metrics_server = self._metrics_server, None
+                await server.stop()
 
 
 @dataclass
@@ -79,6 +115,7 @@ class Runtime:
     revocations: Revocations
     redis: Any | None  # redis.asyncio.Redis when configured
     credentials: ServiceCredentials
+    metrics: Metrics  # the process's, shared by its services
 
     async def healthy(self) -> bool:
         # With Redis configured, the bus's ping is the Redis check (one round trip, not two).
@@ -130,6 +167,7 @@ async def build_runtime(
         revocations=revocations,
         redis=redis_client,
         credentials=ServiceCredentials(shared.keys, name),
+        metrics=shared.metrics,
     )
 
 
@@ -176,11 +214,17 @@ class RunningService:
     health: health.aio.HealthServicer
     service_names: list[str]
     auth: AuthInterceptor
+    shared: Shared
     _watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where this process serves /metrics (all its services share the endpoint)."""
+        return self.shared.metrics_port
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.runtime.settings.shutdown_grace_s if grace is None else grace
@@ -192,6 +236,7 @@ class RunningService:
         await self.server.stop(grace)
         await self.auth.stop()
         await self.runtime.close()
+        await self.shared.close_metrics()
         log.info("stopped", extra={"component": self.name})
 
 
@@ -251,10 +296,15 @@ async def start_service(
     if bound == 0:
         await runtime.close()
         raise OSError(f"{name}: cannot listen on {settings.host}:{port}")
+    try:
+        await shared.open_metrics()
+    except OSError:
+        await runtime.close()
+        raise
     await server.start()
     await auth.start()
     await service.start()
-    running = RunningService(name, bound, server, runtime, service, health_servicer, names, auth)
+    running = RunningService(name, bound, server, runtime, service, health_servicer, names, auth, shared)
     # Evaluate health once before returning, so a started service already reports its state.
     ok = await runtime.healthy()
     await _set_health(running, ok)

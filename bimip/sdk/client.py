@@ -18,6 +18,10 @@ What it guarantees:
   again from a snapshot (`SnapshotLoaded`).
 - The awareness stream is open while the client runs, so the device is ONLINE; presence,
   activity, intent, visibility and subscription changes arrive as events.
+- Tracing (OpenTelemetry, SPEC X6): a PRODUCER span per send whose context rides in the send
+  frame, a CONSUMER span per delivery in the delivery's trace, and the ack carries it back, so
+  one trace runs from the sender's send to the recipient's ack and the receipt back. Pass
+  `tracer_provider`, or the global one is used (a no-op unless the application set one up).
 - Each stream reconnects on its own with exponential backoff and jitter, and reports
   `ConnectionChanged` events. Refusals raise `BimipClientError` with the server's status and
   reason; no raw gRPC error reaches the application.
@@ -39,6 +43,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.awareness.v1 import awareness_pb2_grpc
@@ -121,6 +127,7 @@ class Client:
         auto_ack: ack each entry once the application asks for the next event; with False, call
             `processed(offset)` yourself.
         backoff: the first and the longest wait between reconnection attempts, in seconds.
+        tracer_provider: where the SDK's spans go (default: OpenTelemetry's global provider).
     """
 
     def __init__(
@@ -135,6 +142,7 @@ class Client:
         awareness_stream: bool = True,
         auto_ack: bool = True,
         backoff: tuple[float, float] = (0.1, 5.0),
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.eid, self.device_id = token_identity(token)
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -166,6 +174,10 @@ class Client:
         self._supervisors: dict[str, Supervisor] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = Stats()
+        self._provider = tracer_provider or trace.get_tracer_provider()
+        self._tracer = self._provider.get_tracer("bimip.sdk")
+        self._send_spans: dict[str, tuple[Span, dict[str, str]]] = {}  # client id -> span, carrier
+        self._delivery_traces: dict[int, dict[str, str]] = {}  # offset -> carrier, until acked
 
     # --- lifecycle ---
 
@@ -230,6 +242,8 @@ class Client:
             if not future.done():
                 future.set_exception(closing)
                 future.exception()  # its send may have been cancelled: not an unretrieved error
+        for client_id in list(self._send_spans):
+            self._end_send_span(client_id, error="CLIENT_CLOSED")
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -289,6 +303,7 @@ class Client:
             future = self._sends[client_id] = asyncio.get_running_loop().create_future()
             local_seq = f"{time.time_ns():020d}:{next(self._local):08d}:{self.device_id}"
             self._messages[client_id] = message
+            self._start_send_span(client_id, to)
             await self._store.add(Pending(client_id, local_seq, message))
         if self._frames.open:
             await self._write_send(client_id, message)
@@ -482,7 +497,13 @@ class Client:
         return awareness_pb2_grpc.AwarenessServiceStub(self._channel("awareness"))
 
     def _call(self) -> dict[str, Any]:
-        return {"metadata": self._metadata, "timeout": ANSWER_TIMEOUT_S}
+        return {"metadata": self._traced_metadata(), "timeout": ANSWER_TIMEOUT_S}
+
+    def _traced_metadata(self, context: Any = None) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the token, and the trace context of the current (or given) span."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=context)
+        return self._metadata + tuple(carrier.items())
 
     @staticmethod
     async def _unary(call: Awaitable[_T]) -> _T:
@@ -523,11 +544,71 @@ class Client:
         self._written.add(client_id)
         seq = self._frames.next_seq()
         self._send_seqs[seq] = client_id
+        traced = self._send_spans.get(client_id)
+        request = messaging_pb2.ConnectRequest(
+            seq=seq,
+            send=messaging_pb2.SendRequest(message=message),
+            trace_context=traced[1] if traced else None,
+        )
         # A lost connection leaves the message in the outbox: the next hello sends it.
         with contextlib.suppress(ConnectionLost):
-            await self._frames.write(
-                messaging_pb2.ConnectRequest(seq=seq, send=messaging_pb2.SendRequest(message=message))
-            )
+            await self._frames.write(request)
+
+    # --- tracing ---
+
+    def _start_send_span(self, client_id: str, to: str) -> None:
+        span = self._tracer.start_span(
+            "send",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "bimip",
+                "messaging.operation.type": "send",
+                "bimip.user": self.eid,
+                "bimip.device": self.device_id,
+                "bimip.recipient": to,
+            },
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        self._send_spans[client_id] = (span, carrier)
+
+    def _end_send_span(self, client_id: str, result: SendResult | None = None, error: str = "") -> None:
+        traced = self._send_spans.pop(client_id, None)
+        if traced is None:
+            return
+        span = traced[0]
+        if result is not None:
+            span.set_attribute("bimip.offset", result.offset)
+            span.set_attribute("bimip.signal_id", result.signal_id)
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
+    def _received(self, delivery: messaging_pb2.Delivery, carrier: Any) -> None:
+        """A CONSUMER span in the delivery's trace; its context goes back with the entry's ack."""
+        if not carrier:
+            return
+        entry = delivery.entry
+        body = entry.WhichOneof("body")
+        signal_id = getattr(entry, body).signal_id if body else ""
+        span = self._tracer.start_span(
+            "receive",
+            context=propagate.extract(dict(carrier)),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "bimip",
+                "messaging.operation.type": "receive",
+                "bimip.user": self.eid,
+                "bimip.device": self.device_id,
+                "bimip.offset": entry.offset,
+                "bimip.signal_id": signal_id,
+                "bimip.redelivery": delivery.redelivery,
+            },
+        )
+        span.end()
+        back: dict[str, str] = {}
+        propagate.inject(back, context=trace.set_span_in_context(span))
+        self._delivery_traces[entry.offset] = back
 
     # --- the connections ---
 
@@ -609,7 +690,20 @@ class Client:
         for pending in outbox:
             self._messages.setdefault(pending.client_id, pending.message)
         stub = sync_pb2_grpc.SyncServiceStub(self._channel("sync"))
-        call: Any = stub.Hello(metadata=self._metadata, timeout=120)
+        span = self._tracer.start_span(
+            "bimip.sync.v1.SyncService/Hello",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "bimip.sync.v1.SyncService",
+                "rpc.method": "Hello",
+                "bimip.user": self.eid,
+                "bimip.device": self.device_id,
+                "bimip.uploads": len(outbox),
+            },
+        )
+        metadata = self._traced_metadata(trace.set_span_in_context(span))
+        call: Any = stub.Hello(metadata=metadata, timeout=120)
         uploads = [sync_pb2.OfflineMessage(message=p.message, local_seq=p.local_seq) for p in outbox]
         opening = sync_pb2.HelloOpen(last_version=self._emitted, messages=uploads)
         head = uploaded = received = 0
@@ -634,8 +728,12 @@ class Client:
                     head = frame.end.head
                     break
             await call.done_writing()
+        except grpc.aio.AioRpcError as err:
+            span.set_status(Status(StatusCode.ERROR, reason_of(err) or err.code().name))
+            raise
         finally:
             call.cancel()
+            span.end()
         return SyncResult(head, uploaded, received)
 
     async def _reset_to_snapshot(self) -> None:
@@ -664,6 +762,7 @@ class Client:
             own.message.signal_id = result.signal_id
             own.message.sender.CopyFrom(own.author)
         await self._store.sent(result.client_id, own)
+        self._end_send_span(result.client_id, result)
         future = self._sends.get(result.client_id)
         if future is not None and not future.done():
             future.set_result(result)
@@ -673,6 +772,7 @@ class Client:
         self._written.discard(client_id)
         self._messages.pop(client_id, None)
         await self._store.sent(client_id, None)
+        self._end_send_span(client_id, error=error.reason or error.code.name)
         future = self._sends.get(client_id)
         if future is not None and not future.done():
             future.set_exception(error)
@@ -695,6 +795,7 @@ class Client:
         kind = frame.WhichOneof("frame")
         if kind == "delivery":
             if not frame.delivery.replay:
+                self._received(frame.delivery, frame.trace_context)
                 self._deliver(frame.delivery.entry)
         elif kind == "sent":
             self._send_seqs.pop(frame.seq, None)
@@ -717,9 +818,14 @@ class Client:
             await self._store.set_processed(offset, done)
             self._unstored = self._unstored[len(done) :]
             if offset > self._acked:
+                carrier = self._delivery_traces.get(offset)
+                for done_offset in [o for o in self._delivery_traces if o <= offset]:
+                    del self._delivery_traces[done_offset]
                 await self._frames.write(
                     messaging_pb2.ConnectRequest(
-                        seq=self._frames.next_seq(), ack=messaging_pb2.AckRequest(offset=offset)
+                        seq=self._frames.next_seq(),
+                        ack=messaging_pb2.AckRequest(offset=offset),
+                        trace_context=carrier,
                     )
                 )
                 self._acked = offset

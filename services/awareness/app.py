@@ -33,8 +33,12 @@ class AwarenessApp:
             if runtime.redis is not None
             else InProcessDevices()
         )
-        self.hub = StreamHub(runtime.bus, settings.replica_id, runtime.telemetry.tracer("bimip.awareness"))
-        presence = Presence(runtime.engine, self.writer_engine, devices, runtime.bus, runtime.clock)
+        self.hub = StreamHub(
+            runtime.bus, settings.replica_id, runtime.telemetry.tracer("bimip.awareness"), runtime.metrics
+        )
+        presence = Presence(
+            runtime.engine, self.writer_engine, devices, runtime.bus, runtime.clock, runtime.metrics
+        )
         self.subscriptions = Subscriptions(self.writer_engine, runtime.clock, self.link)
         self.streams = AwarenessStreams(
             settings, runtime.clock, self.hub, presence, self.subscriptions, self.link

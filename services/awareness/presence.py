@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.core.clock import Clock, timestamp
+from bimip.core.metrics import Metrics
 from bimip.core.pubsub import Bus
 from bimip.core.storage import dialect_insert
 from services.awareness import store
@@ -162,13 +163,25 @@ class Presence:
     """Computes and publishes users' visible presence."""
 
     def __init__(
-        self, engine: AsyncEngine, writer: AsyncEngine, devices: DeviceRegistry, bus: Bus, clock: Clock
+        self,
+        engine: AsyncEngine,
+        writer: AsyncEngine,
+        devices: DeviceRegistry,
+        bus: Bus,
+        clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.writer = writer
         self.devices = devices
         self.bus = bus
         self.clock = clock
+        published = (metrics or Metrics()).awareness_published
+        self._published = {kind: published.labels(kind) for kind in ("presence", "intent", "visibility")}
+
+    async def _publish(self, kind: str, channel: str, body: bytes) -> None:
+        await self.bus.publish(channel, body)
+        self._published[kind].inc()
 
     async def user(self, eid: str) -> UserState:
         u = store.users
@@ -206,7 +219,7 @@ class Presence:
 
     async def _publish_if_changed(self, before: aw.Presence, after: aw.Presence) -> None:
         if (before.status, before.HasField("last_seen")) != (after.status, after.HasField("last_seen")):
-            await self.bus.publish(presence_channel(after.eid), after.SerializeToString())
+            await self._publish("presence", presence_channel(after.eid), after.SerializeToString())
 
     async def device_online(self, eid: str, device_id: str, sid: str, deadline: float) -> None:
         state = await self.user(eid)
@@ -232,8 +245,10 @@ class Presence:
         await self._save(eid, intent=value)
         after = UserState(value, state.hidden, state.last_seen_at)
         online = await self.devices.count(eid)
-        await self.bus.publish(
-            user_channel(eid), json.dumps({"t": "intent", "intent": value or ONLINE, "by": by}).encode()
+        await self._publish(
+            "intent",
+            user_channel(eid),
+            json.dumps({"t": "intent", "intent": value or ONLINE, "by": by}).encode(),
         )
         await self._publish_if_changed(
             await self.visible(eid, online, state), await self.visible(eid, online, after)
@@ -244,12 +259,14 @@ class Presence:
         await self._save(eid, hidden=hidden)
         after = UserState(state.intent, hidden, state.last_seen_at)
         online = await self.devices.count(eid)
-        await self.bus.publish(
-            user_channel(eid), json.dumps({"t": "visibility", "hidden": hidden, "by": by}).encode()
+        await self._publish(
+            "visibility",
+            user_channel(eid),
+            json.dumps({"t": "visibility", "hidden": hidden, "by": by}).encode(),
         )
         before, now_visible = await self.visible(eid, online, state), await self.visible(eid, online, after)
         if state.hidden != hidden:
             # Unhiding is a visible change even when the status stays OFFLINE: the last seen returns.
-            await self.bus.publish(presence_channel(eid), now_visible.SerializeToString())
+            await self._publish("presence", presence_channel(eid), now_visible.SerializeToString())
         else:
             await self._publish_if_changed(before, now_visible)

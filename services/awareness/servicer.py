@@ -132,6 +132,10 @@ class AwarenessStreams:
         self.subscriptions = subscriptions
         self.link = link
         self.leaving = RunToEnd()
+        metrics = hub.metrics
+        self._open = metrics.open_streams.labels("awareness", "connect")
+        self._subscription_events = metrics.awareness_published.labels("subscription")
+        self._activity_events = metrics.awareness_published.labels("activity")
 
     async def subscription_changed(self, subscriber: str, target: str, state: int) -> None:
         """Tell both users' devices; an approval carries the target's presence (A6)."""
@@ -146,6 +150,7 @@ class AwarenessStreams:
             if eid == subscriber and state == APPROVED:
                 body["presence"] = (await self.presence.visible(target)).SerializeToString().hex()
             await self.hub.bus.publish(user_channel(eid), json.dumps(body).encode())
+            self._subscription_events.inc()
 
     async def connect(
         self, requests: AsyncIterator[aw.ConnectRequest], context: Context
@@ -161,6 +166,7 @@ class AwarenessStreams:
         stream = AwarenessStream(self.hub, eid, device_id, self.clock)
         tasks: list[asyncio.Task[Any]] = []
         targets = await self.subscriptions.approved_targets(eid)
+        self._open.inc()
         try:
             # Online first, under this stream: the older stream this one replaces then leaves no gap.
             await self.presence.device_online(eid, device_id, stream.sid, self._deadline())
@@ -195,6 +201,7 @@ class AwarenessStreams:
                     await item.abort(context)
                 yield item
         finally:
+            self._open.dec()
             # The leaving runs in a task of its own: a handler cancelled again while it waits must
             # not leave the device ONLINE (A5) or a peer "typing" (A3).
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,6 +341,7 @@ class AwarenessStreams:
         if ttl:
             event["expires"] = int((self.clock.now().timestamp() + ttl) * 1000)
         await self.hub.bus.publish(user_channel(peer), json.dumps(event).encode())
+        self._activity_events.inc()
 
 
 ONLINE, TYPING, RECORDING = aw.STATUS_ONLINE, aw.STATUS_TYPING, aw.STATUS_RECORDING

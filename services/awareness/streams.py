@@ -23,6 +23,7 @@ from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError
+from bimip.core.metrics import Metrics
 from bimip.core.pubsub import Bus, BusMessage, Subscription, consumer_span
 from services.awareness.presence import presence_channel, user_channel
 
@@ -54,11 +55,17 @@ class AwarenessStream:
             self.out.put_nowait(error)
 
 
+EVENT_KINDS = ("presence", "intent", "visibility", "activity", "subscription")
+
+
 class StreamHub:
-    def __init__(self, bus: Bus, replica: str, tracer: Tracer) -> None:
+    def __init__(self, bus: Bus, replica: str, tracer: Tracer, metrics: Metrics | None = None) -> None:
         self.bus = bus
         self.replica = replica
         self.tracer = tracer
+        self.metrics = metrics or Metrics()
+        delivered = self.metrics.awareness_delivered
+        self._delivered = {kind: delivered.labels(kind) for kind in EVENT_KINDS}
         self.by_user: dict[str, set[AwarenessStream]] = {}
         self.watchers: dict[str, set[AwarenessStream]] = {}  # target eid -> streams watching it
         self._subscription: Subscription | None = None
@@ -136,13 +143,19 @@ class StreamHub:
     async def _dispatch(self, message: BusMessage) -> None:
         if message.channel.startswith("aw-presence:"):
             presence = aw.Presence.FromString(message.body)
-            for stream in list(self.watchers.get(presence.eid, ())):
+            watchers = list(self.watchers.get(presence.eid, ()))
+            for stream in watchers:
                 stream.push(aw.ConnectResponse(presence=presence))
+            if watchers:
+                self._delivered["presence"].inc(len(watchers))
         elif message.channel.startswith("aw-user:"):
             eid = message.channel[len("aw-user:") :]
             event = json.loads(message.body)
-            for stream in list(self.by_user.get(eid, ())):
+            streams = list(self.by_user.get(eid, ()))
+            for stream in streams:
                 await self._user_event(stream, event)
+            if streams and (counter := self._delivered.get(event.get("t"))) is not None:
+                counter.inc(len(streams))
 
     async def _user_event(self, stream: AwarenessStream, event: dict[str, Any]) -> None:
         kind = event.get("t")

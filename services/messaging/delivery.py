@@ -27,20 +27,19 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, Tracer
+from opentelemetry.trace import SpanKind, Tracer
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
+from bimip.core.metrics import Metrics
 from bimip.core.pubsub import Bus, Subscription, consumer_span
 from bimip.core.streams import RunToEnd
 from bimip.messaging.v1 import messaging_pb2
 from services.messaging import store
-from services.messaging.ops import device_channel, log_channel
+from services.messaging.ops import context_of, device_channel, log_channel, traceparent_of
 from services.messaging.writer import Append, chunks
 
 log = logging.getLogger(__name__)
@@ -127,31 +126,6 @@ def read_log_query(
     if upto is not None:
         query = query.where(e.c.offset <= upto)
     return query.order_by(e.c.offset).limit(limit)
-
-
-def context_of(traceparent: str | None) -> Context | None:
-    """The context of a stored W3C `traceparent` ("00-<trace id>-<span id>-<flags>"), parsed
-    directly: this runs for every delivery, and the generic propagator costs several times more."""
-    if not traceparent or len(traceparent) != 55 or traceparent[:3] != "00-":
-        return None
-    try:
-        span = SpanContext(
-            trace_id=int(traceparent[3:35], 16),
-            span_id=int(traceparent[36:52], 16),
-            is_remote=True,
-            trace_flags=TraceFlags(int(traceparent[53:55], 16)),
-        )
-    except ValueError:
-        return None
-    return trace.set_span_in_context(NonRecordingSpan(span)) if span.is_valid else None
-
-
-def traceparent_of(context: Context | None = None) -> str | None:
-    """The W3C `traceparent` of the span in `context` (default: the current one), or None."""
-    span = trace.get_current_span(context).get_span_context()
-    if not span.is_valid:
-        return None
-    return f"00-{span.trace_id:032x}-{span.span_id:016x}-{int(span.trace_flags):02x}"
 
 
 @dataclass(frozen=True)
@@ -329,7 +303,6 @@ class DeviceStream:
                         self.redeliver_upto = max(self.redeliver_upto, self.inflight[-1])
                         self.inflight.clear()
                         self.scanned = self.cursor
-                        self.hub.redeliveries += 1
                 while self._replays:
                     peer, after = self._replays.popleft()
                     await self._replay(peer, after)
@@ -355,20 +328,27 @@ class DeviceStream:
                 self.hub.remember(self.eid, rows, complete=len(rows) < PAGE, after=self.scanned)
                 if not rows:
                     return
-            for row in rows:
-                if not row.visible_to(self.eid, self.device_id):
+            sent = again = 0  # counted once per page
+            try:
+                for row in rows:
+                    if not row.visible_to(self.eid, self.device_id):
+                        self.scanned = row.offset
+                        continue
+                    if len(self.inflight) >= self.window:
+                        return
+                    redelivery = row.offset <= self.redeliver_upto
+                    await self._send(row, redelivery=redelivery)
+                    sent += 1
+                    again += redelivery
+                    self.inflight.append(row.offset)
+                    self.traces[row.offset] = row.trace_context
+                    if row.kind == store.KIND_MESSAGE and row.author_eid != self.eid:
+                        self.received[row.offset] = row.signal_id
                     self.scanned = row.offset
-                    continue
-                if len(self.inflight) >= self.window:
-                    return
-                await self._send(row, redelivery=row.offset <= self.redeliver_upto)
-                self.inflight.append(row.offset)
-                self.traces[row.offset] = row.trace_context
-                if row.kind == store.KIND_MESSAGE and row.author_eid != self.eid:
-                    self.received[row.offset] = row.signal_id
-                self.scanned = row.offset
-                if self._grace_task is None:
-                    self._restart_grace()
+                    if self._grace_task is None:
+                        self._restart_grace()
+            finally:
+                self.hub.count_delivered(sent, again)
 
     async def _send(self, row: Row, *, redelivery: bool = False, replay: bool = False) -> None:
         entry = common_pb2.Entry.FromString(row.body)
@@ -392,23 +372,25 @@ class DeviceStream:
         ):
             if (tp := traceparent_of()) is not None:
                 frame.trace_context["traceparent"] = tp
-        self.hub.delivered += 1
         await self.out.put(frame)
 
     async def _replay(self, peer: str, after: int) -> None:
         """M11: a conversation's entries after `after`, own included, without moving the cursor."""
         count, position = 0, after
         upto = await self.hub.head(self.eid)
-        while not self._closed:
-            rows = await self.hub.read_log(self.eid, position, PAGE, peer_eid=peer, upto=upto)
-            for row in rows:
-                position = row.offset
-                if row.target_device is not None and row.target_device != self.device_id:
-                    continue
-                await self._send(row, replay=True)
-                count += 1
-            if len(rows) < PAGE:
-                break
+        try:
+            while not self._closed:
+                rows = await self.hub.read_log(self.eid, position, PAGE, peer_eid=peer, upto=upto)
+                for row in rows:
+                    position = row.offset
+                    if row.target_device is not None and row.target_device != self.device_id:
+                        continue
+                    await self._send(row, replay=True)
+                    count += 1
+                if len(rows) < PAGE:
+                    break
+        finally:
+            self.hub.count_delivered(count, 0)
         await self.out.put(
             messaging_pb2.ConnectResponse(
                 replay_complete=messaging_pb2.ReplayComplete(peer_eid=peer, after_offset=after, count=count)
@@ -440,7 +422,9 @@ Advance = Callable[[DeviceStream, int], Any]
 class Hub:
     """This replica's open device streams and its one bus subscription."""
 
-    def __init__(self, engine: AsyncEngine, bus: Bus, tracer: Tracer, replica: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, bus: Bus, tracer: Tracer, replica: str, metrics: Metrics | None = None
+    ) -> None:
         self.engine = engine
         self.bus = bus
         self.tracer = tracer
@@ -455,8 +439,9 @@ class Hub:
         self._tails: dict[str, deque[Row]] = {}
         self._lock = asyncio.Lock()
         self.advance: Advance = _no_advance
-        self.delivered = 0
-        self.redeliveries = 0
+        self.metrics = metrics or Metrics()
+        self._delivered = self.metrics.delivered_entries
+        self._redelivered = self.metrics.redelivered_entries
 
     async def start(self, recheck_interval: float, clock: Clock) -> None:
         self._subscription = await self.bus.subscribe()
@@ -569,6 +554,16 @@ class Hub:
     def known_head(self, eid: str) -> int:
         """The highest head this replica has heard of for `eid` (from commits, notices, reads)."""
         return self._heads.get(eid, 1 << 62)
+
+    def head_if_known(self, eid: str) -> int | None:
+        return self._heads.get(eid)
+
+    def count_delivered(self, sent: int, again: int) -> None:
+        """Entries written to streams (`again` of them redeliveries), counted once per page."""
+        if sent:
+            self._delivered.inc(sent)
+        if again:
+            self._redelivered.inc(again)
 
     def saw_head(self, eid: str, head: int) -> None:
         if eid in self.by_user:

@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 
 from bimip.common.v1 import common_pb2
@@ -288,9 +290,37 @@ async def record_statuses(tx: Tx, eid: str, device_id: str, signal_ids: Sequence
     return raised
 
 
-def receipt_to_sender(tx: Tx, row: Any, status: int, by: common_pb2.Identity) -> common_pb2.Receipt:
+def context_of(traceparent: str | None) -> Context | None:
+    """The context of a stored W3C `traceparent` ("00-<trace id>-<span id>-<flags>"), parsed
+    directly: this runs for every delivery, and the generic propagator costs several times more."""
+    if not traceparent or len(traceparent) != 55 or traceparent[:3] != "00-":
+        return None
+    try:
+        span = SpanContext(
+            trace_id=int(traceparent[3:35], 16),
+            span_id=int(traceparent[36:52], 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(traceparent[53:55], 16)),
+        )
+    except ValueError:
+        return None
+    return trace.set_span_in_context(NonRecordingSpan(span)) if span.is_valid else None
+
+
+def traceparent_of(context: Context | None = None) -> str | None:
+    """The W3C `traceparent` of the span in `context` (default: the current one), or None."""
+    span = trace.get_current_span(context).get_span_context()
+    if not span.is_valid:
+        return None
+    return f"00-{span.trace_id:032x}-{span.span_id:016x}-{int(span.trace_flags):02x}"
+
+
+def receipt_to_sender(
+    tx: Tx, row: Any, status: int, by: common_pb2.Identity, cause: str | None = None
+) -> common_pb2.Receipt:
     """M8: append an aggregate transition of the message in `row` to its sender's log, in the
-    message's trace."""
+    message's trace: under `cause` (the traceparent of the ack or mark that raised it) when that
+    span is in the message's trace, else under the message's own span."""
     receipt = common_pb2.Receipt(
         signal_id=row.signal_id,
         client_id=row.client_id,
@@ -303,9 +333,13 @@ def receipt_to_sender(tx: Tx, row: Any, status: int, by: common_pb2.Identity) ->
         common_pb2.Entry(peer_eid=by.eid, author=by, created_at=timestamp(tx.now), receipt=receipt),
         kind=store.KIND_RECEIPT,
         signal_id=row.signal_id,
-        trace_context=row.trace_context,
+        trace_context=cause if _same_trace(cause, row.trace_context) else row.trace_context,
     )
     return receipt
+
+
+def _same_trace(a: str | None, b: str | None) -> bool:
+    return bool(a and b and a[3:35] == b[3:35])
 
 
 async def _raise_aggregates(
@@ -377,10 +411,15 @@ class _Acks:
     cursors: dict[tuple[str, str], int] = field(default_factory=dict)
     delivered: dict[str, tuple[str, str]] = field(default_factory=dict)  # signal_id -> first (eid, device)
     pairs: set[tuple[str, str, str]] = field(default_factory=set)
+    causes: dict[tuple[str, str], str] = field(default_factory=dict)  # (eid, device) -> ack traceparent
 
-    def add(self, eid: str, device_id: str, offset: int, received: Sequence[str]) -> None:
+    def add(
+        self, eid: str, device_id: str, offset: int, received: Sequence[str], cause: str | None = None
+    ) -> None:
         key = (eid, device_id)
         self.cursors[key] = max(offset, self.cursors.get(key, 0))
+        if cause is not None:
+            self.causes[key] = cause
         for signal_id in received:
             self.delivered.setdefault(signal_id, key)
             self.pairs.add((signal_id, eid, device_id))
@@ -422,8 +461,8 @@ class _Acks:
                 .returning(m.c.signal_id, m.c.client_id, m.c.sender_eid, m.c.trace_context)
             )
             for row in sorted(moved, key=lambda r: r.signal_id):
-                by = _identity(*self.delivered[row.signal_id])
-                receipt_to_sender(tx, row, DELIVERED, by)
+                key = self.delivered[row.signal_id]
+                receipt_to_sender(tx, row, DELIVERED, _identity(*key), self.causes.get(key))
 
 
 @dataclass(eq=False)
@@ -442,10 +481,12 @@ class AckOp:
     context: Context | None = None
     announce: bool = False
     name: str = "ack"
+    moved: int = 0  # how far the cursor moved, when the op read it (`received` not given)
 
     async def apply(self, tx: Tx) -> Result:
         acks = tx.batched("acks", _Acks)
         received = self.received
+        self.moved = 0
         if received is None:
             d, e = store.devices, store.entries
             row = (
@@ -460,6 +501,7 @@ class AckOp:
             cursor: int = max(row.cursor, acks.cursors.get((self.eid, self.device_id), 0))
             if self.offset <= cursor:
                 return lambda: cursor
+            self.moved = self.offset - cursor
             received = [
                 r.signal_id
                 for r in await tx.conn.execute(
@@ -473,7 +515,8 @@ class AckOp:
                     )
                 )
             ]
-        acks.add(self.eid, self.device_id, self.offset, received)
+        cause = traceparent_of(self.context) if self.context is not None else None
+        acks.add(self.eid, self.device_id, self.offset, received, cause)
         if self.announce:
             tx.publish(
                 device_channel(self.eid, self.device_id),

@@ -33,14 +33,7 @@ from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 from services.messaging import store
 from services.messaging.config import MessagingSettings
-from services.messaging.delivery import (
-    Closed,
-    DeviceStream,
-    Hub,
-    Row,
-    context_of,
-    traceparent_of,
-)
+from services.messaging.delivery import Closed, DeviceStream, Hub, Row
 from services.messaging.ops import (
     PLAYED,
     READ,
@@ -53,9 +46,11 @@ from services.messaging.ops import (
     PurgeKeysOp,
     SendOp,
     content_hash,
+    context_of,
     device_channel,
     log_channel,
     prepare_batch,
+    traceparent_of,
 )
 from services.messaging.writer import Append, Writer
 
@@ -115,7 +110,7 @@ class Messaging:
         self.engine = runtime.engine
         self.writer_engine = create_engine(settings.database_url, writer=True)
         runtime.telemetry.instrument_engine(self.writer_engine)
-        self.hub = Hub(runtime.engine, runtime.bus, self.tracer, settings.replica_id)
+        self.hub = Hub(runtime.engine, runtime.bus, self.tracer, settings.replica_id, runtime.metrics)
         self.writer = Writer(
             self.writer_engine,
             runtime.clock,
@@ -123,6 +118,7 @@ class Messaging:
             batch_max=settings.batch_max,
             prepare=prepare_batch,
             on_commit=self._committed,
+            metrics=runtime.metrics,
         )
         self.hub.advance = self._pass_over
         self.ulids = UlidGenerator()
@@ -134,6 +130,15 @@ class Messaging:
         self.sessions: set[_Session] = set()
         self.closing = RunToEnd()
         self.links: set[_LogLink] = set()
+        metrics = runtime.metrics
+        self._sent = {via: metrics.sent_messages.labels(via) for via in ("stream", "unary", "sync")}
+        self._duplicate_sends = metrics.duplicate_sends
+        self._send_refusals = metrics.send_refusals
+        self._acks = {via: metrics.acks.labels(via) for via in ("stream", "sync")}
+        self._acked_entries = {via: metrics.acked_entries.labels(via) for via in ("stream", "sync")}
+        self._device_lag = metrics.device_lag
+        self.connect_streams = metrics.open_streams.labels("messaging", "connect")
+        self.log_links = metrics.open_streams.labels("messaging", "log_link")
 
     async def start(self) -> None:
         self.writer.start()
@@ -208,6 +213,15 @@ class Messaging:
         await stream.out.put(
             messaging_pb2.ConnectResponse(cursor=messaging_pb2.CursorUpdate(cursor=stream.cursor))
         )
+
+    def count_ack(self, via: str, moved: int, cursor: int, head: int | None) -> None:
+        """Metrics: an acknowledgement moved a device's cursor `moved` offsets forward, to `cursor`;
+        `head` is its user's log head when known (the device's lag)."""
+        if moved > 0:
+            self._acks[via].inc()
+            self._acked_entries[via].inc(moved)
+            if head is not None:
+                self._device_lag.observe(max(0, head - cursor))
 
     # --- shared checks ---------------------------------------------------------------------------
 
@@ -317,8 +331,11 @@ class Messaging:
         message: common_pb2.Message,
         parent: Context | None,
         links: Sequence[Link] = (),
+        *,
+        via: str = "stream",
     ) -> messaging_pb2.SendAck:
-        """M1–M3 for one message from the authenticated device; `parent` None = the current span."""
+        """M1–M3 for one message from the authenticated device; `parent` None = the current span;
+        `via` is how it came (stream, unary or sync), for the metrics."""
         with self.tracer.start_as_current_span(
             "messaging send",
             context=parent,
@@ -330,12 +347,17 @@ class Messaging:
                 "bimip.recipient": message.recipient.eid,
             },
         ) as span:
-            self.check_message(message)
-            self.check_rate(principal.eid, principal.device_id)
-            sender = common_pb2.Identity(eid=principal.eid, device_id=principal.device_id)
-            ack: messaging_pb2.SendAck = await self.writer.submit(
-                self.send_op(sender, message, trace.set_span_in_context(span))
-            )
+            try:
+                self.check_message(message)
+                self.check_rate(principal.eid, principal.device_id)
+                sender = common_pb2.Identity(eid=principal.eid, device_id=principal.device_id)
+                ack: messaging_pb2.SendAck = await self.writer.submit(
+                    self.send_op(sender, message, trace.set_span_in_context(span))
+                )
+            except BimipError as err:
+                self._send_refusals.labels(err.reason).inc()
+                raise
+            (self._duplicate_sends if ack.duplicate else self._sent[via]).inc()
             span.set_attribute("bimip.signal_id", ack.signal_id)
             span.set_attribute("bimip.offset", ack.offset)
             span.set_attribute("bimip.duplicate", ack.duplicate)
@@ -463,6 +485,25 @@ def _frame_context(carrier: Any) -> Context | None:
     return propagate.extract(dict(carrier)) if carrier else None
 
 
+_INTERNAL_SERVICE = internal_pb2.DESCRIPTOR.services_by_name["MessagingInternalService"].full_name
+
+
+def _link_span(core: Messaging, method: str, op: str | None, carrier: Any) -> Any:
+    """A SERVER span for one request on an internal stream, a child of the requester's span when
+    the frame carries its trace context (else of the stream's)."""
+    return core.tracer.start_as_current_span(
+        f"messaging link {op or 'empty'}",
+        context=_frame_context(carrier),
+        kind=SpanKind.SERVER,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.service": _INTERNAL_SERVICE,
+            "rpc.method": method,
+            "bimip.op": op or "",
+        },
+    )
+
+
 class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
     """The client-facing API (SPEC §1)."""
 
@@ -512,11 +553,12 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
         )
         if first.open.processed_offset > state.cursor:
             # What the device already processed counts as acknowledged (never moving back).
-            stream.cursor_moved(
-                await core.writer.submit(AckOp(stream.eid, stream.device_id, first.open.processed_offset))
-            )
+            processed = AckOp(stream.eid, stream.device_id, first.open.processed_offset)
+            stream.cursor_moved(await core.writer.submit(processed))
+            core.count_ack("stream", processed.moved, stream.cursor, state.head)
         session = _Session(core, stream, principal)
         core.sessions.add(session)
+        core.connect_streams.inc()
         try:
             try:
                 await core.hub.register(stream)
@@ -543,6 +585,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                     return
                 yield item
         finally:
+            core.connect_streams.dec()
             # To its end: a handler cancelled again while it waits still unregisters.
             with contextlib.suppress(asyncio.CancelledError):
                 await core.closing.run(session.close())
@@ -553,7 +596,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
         principal = current_principal()
         try:
             await self.core.device_seen(principal.eid, principal.device_id)
-            ack = await self.core.send(principal, request.message, None)
+            ack = await self.core.send(principal, request.message, None, via="unary")
         except BimipError as err:
             await err.abort(context)
         return messaging_pb2.SendMessageResponse(ack=ack)
@@ -794,6 +837,7 @@ class _Session:
                     highest, parent = offset, frame_parent or context_of(stream.trace_of(offset))
             if highest > stream.cursor:
                 target = stream.acked_position(highest)
+                before = stream.cursor
                 with core.tracer.start_as_current_span(
                     "messaging ack",
                     context=parent or Context(),
@@ -825,6 +869,9 @@ class _Session:
                     finally:
                         stream.pending_cursor = None
                 stream.cursor_moved(cursor)
+                core.count_ack(
+                    "stream", stream.cursor - before, stream.cursor, core.hub.head_if_known(stream.eid)
+                )
             for seq in accepted:
                 await self._put(
                     messaging_pb2.ConnectResponse(
@@ -878,57 +925,58 @@ class MessagingInternalServicer(internal_pb2_grpc.MessagingInternalServiceServic
         request_iterator: AsyncIterator[internal_pb2.PresenceLinkRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[internal_pb2.PresenceLinkResponse]:
-        core = self.core
         async for request in request_iterator:
-            seq = request.seq
-            try:
-                which = request.WhichOneof("event")
-                if which == "device_online":
-                    device = request.device_online.device
-                    check_identity(device, "device", device=True)
-                    await core.tell_device(device.eid, device.device_id, {"t": "flush"})
-                    connected = await core.connected(device.eid, device.device_id)
-                    yield internal_pb2.PresenceLinkResponse(
-                        seq=seq, ack=internal_pb2.PresenceLinkAck(device_connected=connected)
-                    )
-                elif which == "resume":
-                    resume = request.resume
-                    check_identity(resume.device, "device", device=True)
-                    problem = eid_problem(resume.peer_eid)
+            if request.WhichOneof("event") == "heartbeat":
+                yield internal_pb2.PresenceLinkResponse(
+                    seq=request.seq, heartbeat=common_pb2.Heartbeat(sent_at=timestamp(self.core.clock.now()))
+                )
+                continue
+            with _link_span(self.core, "PresenceLink", request.WhichOneof("event"), request.trace_context):
+                response = await self._presence_event(request)
+            yield response
+
+    async def _presence_event(
+        self, request: internal_pb2.PresenceLinkRequest
+    ) -> internal_pb2.PresenceLinkResponse:
+        core, seq = self.core, request.seq
+        try:
+            which = request.WhichOneof("event")
+            if which == "device_online":
+                device = request.device_online.device
+                check_identity(device, "device", device=True)
+                await core.tell_device(device.eid, device.device_id, {"t": "flush"})
+                connected = await core.connected(device.eid, device.device_id)
+                return internal_pb2.PresenceLinkResponse(
+                    seq=seq, ack=internal_pb2.PresenceLinkAck(device_connected=connected)
+                )
+            if which == "resume":
+                resume = request.resume
+                check_identity(resume.device, "device", device=True)
+                problem = eid_problem(resume.peer_eid)
+                if problem is not None:
+                    raise invalid("INVALID_EID", f"peer_eid {problem}", field="peer_eid")
+                if resume.after_offset < 0:
+                    raise invalid("INVALID_OFFSET", "after_offset must not be negative", field="after_offset")
+                await core.tell_device(
+                    resume.device.eid,
+                    resume.device.device_id,
+                    {"t": "replay", "peer": resume.peer_eid, "after": resume.after_offset},
+                )
+                connected = await core.connected(resume.device.eid, resume.device.device_id)
+                return internal_pb2.PresenceLinkResponse(
+                    seq=seq, ack=internal_pb2.PresenceLinkAck(device_connected=connected)
+                )
+            if which == "block_change":
+                change = request.block_change
+                for eid, name in ((change.blocker_eid, "blocker_eid"), (change.blocked_eid, "blocked_eid")):
+                    problem = eid_problem(eid)
                     if problem is not None:
-                        raise invalid("INVALID_EID", f"peer_eid {problem}", field="peer_eid")
-                    if resume.after_offset < 0:
-                        raise invalid(
-                            "INVALID_OFFSET", "after_offset must not be negative", field="after_offset"
-                        )
-                    await core.tell_device(
-                        resume.device.eid,
-                        resume.device.device_id,
-                        {"t": "replay", "peer": resume.peer_eid, "after": resume.after_offset},
-                    )
-                    connected = await core.connected(resume.device.eid, resume.device.device_id)
-                    yield internal_pb2.PresenceLinkResponse(
-                        seq=seq, ack=internal_pb2.PresenceLinkAck(device_connected=connected)
-                    )
-                elif which == "block_change":
-                    change = request.block_change
-                    for eid, name in (
-                        (change.blocker_eid, "blocker_eid"),
-                        (change.blocked_eid, "blocked_eid"),
-                    ):
-                        problem = eid_problem(eid)
-                        if problem is not None:
-                            raise invalid("INVALID_EID", f"{name} {problem}", field=name)
-                    await core.writer.submit(BlockOp(change.blocker_eid, change.blocked_eid, change.blocked))
-                    yield internal_pb2.PresenceLinkResponse(seq=seq, ack=internal_pb2.PresenceLinkAck())
-                elif which == "heartbeat":
-                    yield internal_pb2.PresenceLinkResponse(
-                        seq=seq, heartbeat=common_pb2.Heartbeat(sent_at=timestamp(core.clock.now()))
-                    )
-                else:
-                    raise invalid("FRAME_EMPTY", "the frame carries nothing (unknown or missing event)")
-            except BimipError as err:
-                yield internal_pb2.PresenceLinkResponse(seq=seq, error=err.to_proto())
+                        raise invalid("INVALID_EID", f"{name} {problem}", field=name)
+                await core.writer.submit(BlockOp(change.blocker_eid, change.blocked_eid, change.blocked))
+                return internal_pb2.PresenceLinkResponse(seq=seq, ack=internal_pb2.PresenceLinkAck())
+            raise invalid("FRAME_EMPTY", "the frame carries nothing (unknown or missing event)")
+        except BimipError as err:
+            return internal_pb2.PresenceLinkResponse(seq=seq, error=err.to_proto())
 
     async def LogLink(
         self,
@@ -937,6 +985,7 @@ class MessagingInternalServicer(internal_pb2_grpc.MessagingInternalServiceServic
     ) -> AsyncIterator[internal_pb2.LogLinkResponse]:
         link = _LogLink(self.core)
         self.core.links.add(link)
+        self.core.log_links.inc()
         reader = asyncio.ensure_future(link.read(request_iterator))
         try:
             while True:
@@ -945,6 +994,7 @@ class MessagingInternalServicer(internal_pb2_grpc.MessagingInternalServiceServic
                     return
                 yield item
         finally:
+            self.core.log_links.dec()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await link.close()
@@ -983,7 +1033,7 @@ class _LogLink:
                 which = request.WhichOneof("op")
                 if which == "read":
                     self.credits[seq] = asyncio.Semaphore(max(1, request.read.initial_credit))
-                    self.reads[seq] = self._spawn(self._guard(seq, self._read_log(seq, request.read)))
+                    self.reads[seq] = self._spawn(self._guard(request, self._read_log(seq, request.read)))
                 elif which == "credit":
                     semaphore = self.credits.get(seq)
                     if request.credit.cancel:
@@ -1002,11 +1052,11 @@ class _LogLink:
                         for _ in range(request.credit.pages):
                             semaphore.release()
                 elif which == "append":
-                    self._spawn(self._guard(seq, self._append(seq, request.append)))
+                    self._spawn(self._guard(request, self._append(seq, request.append)))
                 elif which == "ack":
-                    self._spawn(self._guard(seq, self._ack(seq, request.ack)))
+                    self._spawn(self._guard(request, self._ack(seq, request.ack)))
                 elif which == "list_devices":
-                    self._spawn(self._guard(seq, self._list(seq, request.list_devices)))
+                    self._spawn(self._guard(request, self._list(seq, request.list_devices)))
                 elif which == "heartbeat":
                     await self.out.put(
                         internal_pb2.LogLinkResponse(
@@ -1025,11 +1075,13 @@ class _LogLink:
     async def _error(self, seq: int, err: BimipError) -> None:
         await self.out.put(internal_pb2.LogLinkResponse(seq=seq, error=err.to_proto()))
 
-    async def _guard(self, seq: int, work: Awaitable[None]) -> None:
+    async def _guard(self, request: internal_pb2.LogLinkRequest, work: Awaitable[None]) -> None:
+        """Run one request's work in a span of the requester's trace; a refusal is its answer."""
         try:
-            await work
+            with _link_span(self.core, "LogLink", request.WhichOneof("op"), request.trace_context):
+                await work
         except BimipError as err:
-            await self._error(seq, err)
+            await self._error(request.seq, err)
 
     async def _read_log(self, seq: int, read: internal_pb2.ReadLog) -> None:
         core = self.core
@@ -1101,7 +1153,7 @@ class _LogLink:
         async def one(message: common_pb2.Message) -> internal_pb2.AppendResult:
             try:
                 return internal_pb2.AppendResult(
-                    client_id=message.client_id, ack=await core.send(principal, message, None)
+                    client_id=message.client_id, ack=await core.send(principal, message, None, via="sync")
                 )
             except BimipError as err:
                 return internal_pb2.AppendResult(client_id=message.client_id, error=err.to_proto())
@@ -1124,9 +1176,9 @@ class _LogLink:
         if ack.offset > head:
             raise _out_of_range("ACK_BEYOND_HEAD", "the offset is beyond the end of the log", head=str(head))
         await core.device_seen(ack.device.eid, ack.device.device_id)
-        cursor = await core.writer.submit(
-            AckOp(ack.device.eid, ack.device.device_id, ack.offset, announce=True)
-        )
+        op = AckOp(ack.device.eid, ack.device.device_id, ack.offset, announce=True)
+        cursor = await core.writer.submit(op)
+        core.count_ack("sync", op.moved, cursor, head)
         local = core.hub.local(ack.device.eid, ack.device.device_id)
         if local is not None:
             local.cursor_moved(cursor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
+from bimip.core.metrics import Metrics
 from bimip.core.storage import dialect_insert
 from services.messaging import store
 
@@ -201,6 +203,7 @@ class Writer:
         prepare: Prepare | None = None,
         on_commit: Callable[[dict[str, int], list[tuple[str, bytes]], list[Append]], Awaitable[None]]
         | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
         self._clock = clock
@@ -216,6 +219,9 @@ class Writer:
         self.batches = 0
         self.ops = 0
         self.retries = 0
+        metrics = metrics or Metrics()
+        self._commit_seconds = metrics.commit_seconds
+        self._batch_size = metrics.commit_batch_size
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="messaging-writer")
@@ -290,6 +296,7 @@ class Writer:
         links = [Link(s.get_span_context()) for q in batch if (s := _span_of(q.op.context)) is not None]
         parent = batch[0].op.context
         outcomes: list[Result | BaseException] = []
+        started = time.perf_counter()
         with self._tracer.start_as_current_span(
             "messaging commit",
             context=parent,
@@ -307,6 +314,8 @@ class Writer:
                     except BimipError as err:
                         outcomes.append(err)
                 await tx.finish()
+        self._commit_seconds.observe(time.perf_counter() - started)
+        self._batch_size.observe(len(batch))
         self.batches += 1
         self.ops += len(batch)
         return outcomes, tx, span

@@ -23,7 +23,9 @@ class SyncApp:
         self.writer_engine = create_engine(settings.database_url, writer=True)
         runtime.telemetry.instrument_engine(self.writer_engine)
         self.link = LogLink(settings.messaging_address, runtime.credentials, runtime.telemetry, runtime.clock)
-        self.core = SyncCore(settings, runtime.clock, runtime.engine, self.writer_engine, self.link)
+        self.core = SyncCore(
+            settings, runtime.clock, runtime.engine, self.writer_engine, self.link, runtime.metrics
+        )
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
         sync_pb2_grpc.add_SyncServiceServicer_to_server(SyncServicer(self.core), server)

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock, timestamp
 from bimip.core.errors import BimipError, invalid
+from bimip.core.metrics import Metrics
 from bimip.core.ranges import RANGE_SIZE, RangeHasher, range_of, ranges_upto
 from bimip.core.storage import dialect_insert
 from bimip.core.streams import RunToEnd
@@ -63,9 +64,16 @@ def _delta(page: internal_pb2.LogPage) -> sync_pb2.GetDeltaResponse:
 
 class SyncCore:
     def __init__(
-        self, settings: SyncSettings, clock: Clock, engine: AsyncEngine, writer: AsyncEngine, link: LogLink
+        self,
+        settings: SyncSettings,
+        clock: Clock,
+        engine: AsyncEngine,
+        writer: AsyncEngine,
+        link: LogLink,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.engine = engine
         self.writer = writer

@@ -21,6 +21,9 @@ from services.sync.core import SyncCore, check_version
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_LOCAL_SEQ_BYTES = 128
+REQUEST_KINDS = ("delta", "stream_delta", "snapshot", "resume", "hello")
+ENTRY_KINDS = ("delta", "stream_delta", "hello", "resume")
+STREAM_KINDS = ("stream_delta", "hello")
 
 
 class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
@@ -28,31 +31,44 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
 
     def __init__(self, core: SyncCore) -> None:
         self.core = core
+        metrics = core.metrics
+        self._requests = {kind: metrics.sync_requests.labels(kind) for kind in REQUEST_KINDS}
+        self._entries = {kind: metrics.sync_entries.labels(kind) for kind in ENTRY_KINDS}
+        self._open = {kind: metrics.open_streams.labels("sync", kind) for kind in STREAM_KINDS}
 
     async def GetDelta(
         self, request: sync_pb2.GetDeltaRequest, context: Context
     ) -> sync_pb2.GetDeltaResponse:
         me = current_principal()
-        return await answer(
+        self._requests["delta"].inc()
+        response = await answer(
             self.core.delta(me.eid, me.device_id, request.since_version, request.page_size), context
         )
+        self._entries["delta"].inc(len(response.entries))
+        return response
 
     async def StreamDelta(
         self, request: sync_pb2.StreamDeltaRequest, context: Context
     ) -> AsyncIterator[sync_pb2.StreamDeltaResponse]:
         me = current_principal()
+        self._requests["stream_delta"].inc()
+        self._open["stream_delta"].inc()
         try:
             size = self.core.page_size(request.page_size)
             async with aclosing(self.core.pages(me.eid, me.device_id, request.since_version, size)) as pages:
                 async for page in pages:
+                    self._entries["stream_delta"].inc(len(page.entries))
                     yield sync_pb2.StreamDeltaResponse(page=page)
         except BimipError as err:
             await err.abort(context)
+        finally:
+            self._open["stream_delta"].dec()
 
     async def GetSnapshot(
         self, request: sync_pb2.GetSnapshotRequest, context: Context
     ) -> sync_pb2.GetSnapshotResponse:
         me = current_principal()
+        self._requests["snapshot"].inc()
         snapshot = await answer(self.core.snapshot(me.eid, me.device_id, request.version), context)
         return sync_pb2.GetSnapshotResponse(snapshot=snapshot)
 
@@ -60,7 +76,10 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.ResumeSnapshotRequest, context: Context
     ) -> sync_pb2.ResumeSnapshotResponse:
         me = current_principal()
-        return await answer(self.core.resume(me.eid, me.device_id, request), context)
+        self._requests["resume"].inc()
+        response = await answer(self.core.resume(me.eid, me.device_id, request), context)
+        self._entries["resume"].inc(sum(len(repair.entries) for repair in response.repairs))
+        return response
 
     async def ListDevices(
         self, request: sync_pb2.ListDevicesRequest, context: Context
@@ -72,6 +91,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> AsyncIterator[sync_pb2.HelloResponse]:
         me = current_principal()
         core = self.core
+        self._requests["hello"].inc()
+        self._open["hello"].inc()
         try:
             first = await open_frame(request_iterator, core.settings.heartbeat_interval_s * 3)
             if first is None:
@@ -99,12 +120,15 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 async for page in pages:
                     head = page.head
                     if page.entries:
+                        self._entries["hello"].inc(len(page.entries))
                         yield sync_pb2.HelloResponse(seq=first.seq, page=page)
             yield sync_pb2.HelloResponse(seq=first.seq, end=sync_pb2.HelloEnd(head=head))
             async for frame in request_iterator:
                 yield await self._after_end(me.eid, me.device_id, frame)
         except BimipError as err:
             await err.abort(context)
+        finally:
+            self._open["hello"].dec()
 
     async def _uploads(
         self, first: sync_pb2.HelloRequest, requests: AsyncIterator[sync_pb2.HelloRequest]

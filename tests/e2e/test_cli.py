@@ -36,6 +36,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         {
             "BIMIP_VAR_DIR": str(tmp_path / "var"),
             "BIMIP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/var/b.db",
+            "BIMIP_METRICS_PORT": "0",  # any free port: 9464 may be taken on this machine
         }
     )
     env.update(extra)

@@ -225,3 +225,40 @@ async def test_log_link_appends_idempotently_and_acks(suite: Suite) -> None:
             assert empty.error.reason == "FRAME_EMPTY"
         finally:
             await log.close()
+
+
+async def test_a_link_to_several_replicas_balances_round_robin(backend: Backend, tmp_path: Path) -> None:
+    """The internal links keep a connection to every address the messaging target resolves to
+    (round_robin), not only to the first (gRPC's default, pick_first)."""
+    import os
+
+    from bimip.core.clock import SystemClock
+    from bimip.core.config import load_settings
+    from bimip.core.server import start_service
+    from services.links import PresenceLink
+    from services.messaging.app import build as build_messaging
+    from services.messaging.config import MessagingSettings
+    from tests.processes import tcp_local_ports
+    from tests.suite import suite_env
+
+    async with running_suite(backend, tmp_path, ["messaging"]) as suite:
+        first = suite.services["messaging"]
+        settings = load_settings(
+            MessagingSettings, {**suite_env(backend, tmp_path), "BIMIP_REPLICA_ID": "r2"}
+        )
+        second = await start_service("messaging", build_messaging, suite.shared, settings)
+        link = PresenceLink(
+            f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}",
+            ServiceCredentials(suite.keys, "awareness"),
+            first.runtime.telemetry,
+            SystemClock(),
+        )
+        try:
+            answer = await link.send(heartbeat=common_pb2.Heartbeat())
+            assert answer.WhichOneof("result") == "heartbeat"
+            await eventually(
+                lambda: all(tcp_local_ports(os.getpid(), p) for p in (first.port, second.port)), timeout=10
+            )
+        finally:
+            await link.close()
+            await second.stop(grace=0.5)

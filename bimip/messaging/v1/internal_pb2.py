@@ -26,45 +26,53 @@ from bimip.common.v1 import common_pb2 as bimip_dot_common_dot_v1_dot_common__pb
 from bimip.messaging.v1 import messaging_pb2 as bimip_dot_messaging_dot_v1_dot_messaging__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!bimip/messaging/v1/internal.proto\x12\x12\x62imip.messaging.v1\x1a\x1c\x62imip/common/v1/common.proto\x1a\"bimip/messaging/v1/messaging.proto\"\x8a\x02\n\x13PresenceLinkRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x39\n\rdevice_online\x18\n \x01(\x0b\x32 .bimip.messaging.v1.DeviceOnlineH\x00\x12\x38\n\x06resume\x18\x0b \x01(\x0b\x32&.bimip.messaging.v1.ResumeConversationH\x00\x12\x37\n\x0c\x62lock_change\x18\x0c \x01(\x0b\x32\x1f.bimip.messaging.v1.BlockChangeH\x00\x12/\n\theartbeat\x18\r \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"9\n\x0c\x44\x65viceOnline\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\"g\n\x12ResumeConversation\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x10\n\x08peer_eid\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x03 \x01(\x03\"H\n\x0b\x42lockChange\x12\x13\n\x0b\x62locker_eid\x18\x01 \x01(\t\x12\x13\n\x0b\x62locked_eid\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\"\xbb\x01\n\x14PresenceLinkResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x32\n\x03\x61\x63k\x18\n \x01(\x0b\x32#.bimip.messaging.v1.PresenceLinkAckH\x00\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x0c \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x08\n\x06result\"+\n\x0fPresenceLinkAck\x12\x18\n\x10\x64\x65vice_connected\x18\x01 \x01(\x08\"\xcd\x02\n\x0eLogLinkRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x04read\x18\n \x01(\x0b\x32\x1b.bimip.messaging.v1.ReadLogH\x00\x12\x30\n\x06\x63redit\x18\x0b \x01(\x0b\x32\x1e.bimip.messaging.v1.ReadCreditH\x00\x12\x34\n\x06\x61ppend\x18\x0c \x01(\x0b\x32\".bimip.messaging.v1.AppendMessagesH\x00\x12)\n\x03\x61\x63k\x18\r \x01(\x0b\x32\x1a.bimip.messaging.v1.AckLogH\x00\x12\x37\n\x0clist_devices\x18\x0e \x01(\x0b\x32\x1f.bimip.messaging.v1.ListDevicesH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x04\n\x02op\"\xb1\x01\n\x07ReadLog\x12)\n\x06reader\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x14\n\x0c\x61\x66ter_offset\x18\x02 \x01(\x03\x12\x13\n\x0bmax_entries\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x16\n\x0einitial_credit\x18\x05 \x01(\x05\x12\x13\n\x0binclude_all\x18\x06 \x01(\x08\x12\x10\n\x08peer_eid\x18\x07 \x01(\t\"+\n\nReadCredit\x12\r\n\x05pages\x18\x01 \x01(\x05\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x01(\x08\"g\n\x0e\x41ppendMessages\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.bimip.common.v1.Message\"C\n\x06\x41\x63kLog\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x1a\n\x0bListDevices\x12\x0b\n\x03\x65id\x18\x01 \x01(\t\"\xda\x02\n\x0fLogLinkResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x04page\x18\n \x01(\x0b\x32\x1b.bimip.messaging.v1.LogPageH\x00\x12\x35\n\x08\x61ppended\x18\x0b \x01(\x0b\x32!.bimip.messaging.v1.AppendResultsH\x00\x12\x32\n\x06\x63ursor\x18\x0c \x01(\x0b\x32 .bimip.messaging.v1.CursorUpdateH\x00\x12>\n\x07\x64\x65vices\x18\r \x01(\x0b\x32+.bimip.messaging.v1.GetCommitOffsetResponseH\x00\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x08\n\x06result\"x\n\x07LogPage\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.bimip.common.v1.Entry\x12\x12\n\nnext_after\x18\x02 \x01(\x03\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x0c\n\x04head\x18\x04 \x01(\x03\x12\x14\n\x0c\x66irst_offset\x18\x05 \x01(\x03\"\x81\x01\n\x0c\x41ppendResult\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAckH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x42\t\n\x07outcome\"P\n\rAppendResults\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .bimip.messaging.v1.AppendResult\x12\x0c\n\x04head\x18\x02 \x01(\x03\x32\xd9\x01\n\x18MessagingInternalService\x12\x65\n\x0cPresenceLink\x12\'.bimip.messaging.v1.PresenceLinkRequest\x1a(.bimip.messaging.v1.PresenceLinkResponse(\x01\x30\x01\x12V\n\x07LogLink\x12\".bimip.messaging.v1.LogLinkRequest\x1a#.bimip.messaging.v1.LogLinkResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!bimip/messaging/v1/internal.proto\x12\x12\x62imip.messaging.v1\x1a\x1c\x62imip/common/v1/common.proto\x1a\"bimip/messaging/v1/messaging.proto\"\x91\x03\n\x13PresenceLinkRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12P\n\rtrace_context\x18\x02 \x03(\x0b\x32\x39.bimip.messaging.v1.PresenceLinkRequest.TraceContextEntry\x12\x39\n\rdevice_online\x18\n \x01(\x0b\x32 .bimip.messaging.v1.DeviceOnlineH\x00\x12\x38\n\x06resume\x18\x0b \x01(\x0b\x32&.bimip.messaging.v1.ResumeConversationH\x00\x12\x37\n\x0c\x62lock_change\x18\x0c \x01(\x0b\x32\x1f.bimip.messaging.v1.BlockChangeH\x00\x12/\n\theartbeat\x18\r \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x65vent\"9\n\x0c\x44\x65viceOnline\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\"g\n\x12ResumeConversation\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x10\n\x08peer_eid\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x03 \x01(\x03\"H\n\x0b\x42lockChange\x12\x13\n\x0b\x62locker_eid\x18\x01 \x01(\t\x12\x13\n\x0b\x62locked_eid\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\"\xbb\x01\n\x14PresenceLinkResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x32\n\x03\x61\x63k\x18\n \x01(\x0b\x32#.bimip.messaging.v1.PresenceLinkAckH\x00\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x0c \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x08\n\x06result\"+\n\x0fPresenceLinkAck\x12\x18\n\x10\x64\x65vice_connected\x18\x01 \x01(\x08\"\xcf\x03\n\x0eLogLinkRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12K\n\rtrace_context\x18\x02 \x03(\x0b\x32\x34.bimip.messaging.v1.LogLinkRequest.TraceContextEntry\x12+\n\x04read\x18\n \x01(\x0b\x32\x1b.bimip.messaging.v1.ReadLogH\x00\x12\x30\n\x06\x63redit\x18\x0b \x01(\x0b\x32\x1e.bimip.messaging.v1.ReadCreditH\x00\x12\x34\n\x06\x61ppend\x18\x0c \x01(\x0b\x32\".bimip.messaging.v1.AppendMessagesH\x00\x12)\n\x03\x61\x63k\x18\r \x01(\x0b\x32\x1a.bimip.messaging.v1.AckLogH\x00\x12\x37\n\x0clist_devices\x18\x0e \x01(\x0b\x32\x1f.bimip.messaging.v1.ListDevicesH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x04\n\x02op\"\xb1\x01\n\x07ReadLog\x12)\n\x06reader\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x14\n\x0c\x61\x66ter_offset\x18\x02 \x01(\x03\x12\x13\n\x0bmax_entries\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x16\n\x0einitial_credit\x18\x05 \x01(\x05\x12\x13\n\x0binclude_all\x18\x06 \x01(\x08\x12\x10\n\x08peer_eid\x18\x07 \x01(\t\"+\n\nReadCredit\x12\r\n\x05pages\x18\x01 \x01(\x05\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x01(\x08\"g\n\x0e\x41ppendMessages\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.bimip.common.v1.Message\"C\n\x06\x41\x63kLog\x12)\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x19.bimip.common.v1.Identity\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x1a\n\x0bListDevices\x12\x0b\n\x03\x65id\x18\x01 \x01(\t\"\xda\x02\n\x0fLogLinkResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x04page\x18\n \x01(\x0b\x32\x1b.bimip.messaging.v1.LogPageH\x00\x12\x35\n\x08\x61ppended\x18\x0b \x01(\x0b\x32!.bimip.messaging.v1.AppendResultsH\x00\x12\x32\n\x06\x63ursor\x18\x0c \x01(\x0b\x32 .bimip.messaging.v1.CursorUpdateH\x00\x12>\n\x07\x64\x65vices\x18\r \x01(\x0b\x32+.bimip.messaging.v1.GetCommitOffsetResponseH\x00\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x12/\n\theartbeat\x18\x0f \x01(\x0b\x32\x1a.bimip.common.v1.HeartbeatH\x00\x42\x08\n\x06result\"x\n\x07LogPage\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.bimip.common.v1.Entry\x12\x12\n\nnext_after\x18\x02 \x01(\x03\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x0c\n\x04head\x18\x04 \x01(\x03\x12\x14\n\x0c\x66irst_offset\x18\x05 \x01(\x03\"\x81\x01\n\x0c\x41ppendResult\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.bimip.messaging.v1.SendAckH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.bimip.common.v1.ErrorH\x00\x42\t\n\x07outcome\"P\n\rAppendResults\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .bimip.messaging.v1.AppendResult\x12\x0c\n\x04head\x18\x02 \x01(\x03\x32\xd9\x01\n\x18MessagingInternalService\x12\x65\n\x0cPresenceLink\x12\'.bimip.messaging.v1.PresenceLinkRequest\x1a(.bimip.messaging.v1.PresenceLinkResponse(\x01\x30\x01\x12V\n\x07LogLink\x12\".bimip.messaging.v1.LogLinkRequest\x1a#.bimip.messaging.v1.LogLinkResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bimip.messaging.v1.internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PRESENCELINKREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_PRESENCELINKREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_LOGLINKREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_LOGLINKREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PRESENCELINKREQUEST']._serialized_start=124
-  _globals['_PRESENCELINKREQUEST']._serialized_end=390
-  _globals['_DEVICEONLINE']._serialized_start=392
-  _globals['_DEVICEONLINE']._serialized_end=449
-  _globals['_RESUMECONVERSATION']._serialized_start=451
-  _globals['_RESUMECONVERSATION']._serialized_end=554
-  _globals['_BLOCKCHANGE']._serialized_start=556
-  _globals['_BLOCKCHANGE']._serialized_end=628
-  _globals['_PRESENCELINKRESPONSE']._serialized_start=631
-  _globals['_PRESENCELINKRESPONSE']._serialized_end=818
-  _globals['_PRESENCELINKACK']._serialized_start=820
-  _globals['_PRESENCELINKACK']._serialized_end=863
-  _globals['_LOGLINKREQUEST']._serialized_start=866
-  _globals['_LOGLINKREQUEST']._serialized_end=1199
-  _globals['_READLOG']._serialized_start=1202
-  _globals['_READLOG']._serialized_end=1379
-  _globals['_READCREDIT']._serialized_start=1381
-  _globals['_READCREDIT']._serialized_end=1424
-  _globals['_APPENDMESSAGES']._serialized_start=1426
-  _globals['_APPENDMESSAGES']._serialized_end=1529
-  _globals['_ACKLOG']._serialized_start=1531
-  _globals['_ACKLOG']._serialized_end=1598
-  _globals['_LISTDEVICES']._serialized_start=1600
-  _globals['_LISTDEVICES']._serialized_end=1626
-  _globals['_LOGLINKRESPONSE']._serialized_start=1629
-  _globals['_LOGLINKRESPONSE']._serialized_end=1975
-  _globals['_LOGPAGE']._serialized_start=1977
-  _globals['_LOGPAGE']._serialized_end=2097
-  _globals['_APPENDRESULT']._serialized_start=2100
-  _globals['_APPENDRESULT']._serialized_end=2229
-  _globals['_APPENDRESULTS']._serialized_start=2231
-  _globals['_APPENDRESULTS']._serialized_end=2311
-  _globals['_MESSAGINGINTERNALSERVICE']._serialized_start=2314
-  _globals['_MESSAGINGINTERNALSERVICE']._serialized_end=2531
+  _globals['_PRESENCELINKREQUEST']._serialized_end=525
+  _globals['_PRESENCELINKREQUEST_TRACECONTEXTENTRY']._serialized_start=465
+  _globals['_PRESENCELINKREQUEST_TRACECONTEXTENTRY']._serialized_end=516
+  _globals['_DEVICEONLINE']._serialized_start=527
+  _globals['_DEVICEONLINE']._serialized_end=584
+  _globals['_RESUMECONVERSATION']._serialized_start=586
+  _globals['_RESUMECONVERSATION']._serialized_end=689
+  _globals['_BLOCKCHANGE']._serialized_start=691
+  _globals['_BLOCKCHANGE']._serialized_end=763
+  _globals['_PRESENCELINKRESPONSE']._serialized_start=766
+  _globals['_PRESENCELINKRESPONSE']._serialized_end=953
+  _globals['_PRESENCELINKACK']._serialized_start=955
+  _globals['_PRESENCELINKACK']._serialized_end=998
+  _globals['_LOGLINKREQUEST']._serialized_start=1001
+  _globals['_LOGLINKREQUEST']._serialized_end=1464
+  _globals['_LOGLINKREQUEST_TRACECONTEXTENTRY']._serialized_start=465
+  _globals['_LOGLINKREQUEST_TRACECONTEXTENTRY']._serialized_end=516
+  _globals['_READLOG']._serialized_start=1467
+  _globals['_READLOG']._serialized_end=1644
+  _globals['_READCREDIT']._serialized_start=1646
+  _globals['_READCREDIT']._serialized_end=1689
+  _globals['_APPENDMESSAGES']._serialized_start=1691
+  _globals['_APPENDMESSAGES']._serialized_end=1794
+  _globals['_ACKLOG']._serialized_start=1796
+  _globals['_ACKLOG']._serialized_end=1863
+  _globals['_LISTDEVICES']._serialized_start=1865
+  _globals['_LISTDEVICES']._serialized_end=1891
+  _globals['_LOGLINKRESPONSE']._serialized_start=1894
+  _globals['_LOGLINKRESPONSE']._serialized_end=2240
+  _globals['_LOGPAGE']._serialized_start=2242
+  _globals['_LOGPAGE']._serialized_end=2362
+  _globals['_APPENDRESULT']._serialized_start=2365
+  _globals['_APPENDRESULT']._serialized_end=2494
+  _globals['_APPENDRESULTS']._serialized_start=2496
+  _globals['_APPENDRESULTS']._serialized_end=2576
+  _globals['_MESSAGINGINTERNALSERVICE']._serialized_start=2579
+  _globals['_MESSAGINGINTERNALSERVICE']._serialized_end=2796
 # @@protoc_insertion_point(module_scope)

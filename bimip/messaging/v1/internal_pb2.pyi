@@ -24,13 +24,40 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class PresenceLinkRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SEQ_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     DEVICE_ONLINE_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
     BLOCK_CHANGE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Sender-chosen event number, echoed in the answer."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context (traceparent, tracestate) of the sender's span for this
+        event, so the trace crosses the long-lived link (SPEC X6).
+        """
+
     @_builtins.property
     def device_online(self) -> Global___DeviceOnline: ...
     @_builtins.property
@@ -43,6 +70,7 @@ class PresenceLinkRequest(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         device_online: Global___DeviceOnline | None = ...,
         resume: Global___ResumeConversation | None = ...,
         block_change: Global___BlockChange | None = ...,
@@ -50,7 +78,7 @@ class PresenceLinkRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["block_change", b"block_change", "device_online", b"device_online", "event", b"event", "heartbeat", b"heartbeat", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_change", b"block_change", "device_online", b"device_online", "event", b"event", "heartbeat", b"heartbeat", "resume", b"resume", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_change", b"block_change", "device_online", b"device_online", "event", b"event", "heartbeat", b"heartbeat", "resume", b"resume", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["device_online", "resume", "block_change", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
@@ -200,7 +228,28 @@ Global___PresenceLinkAck: _TypeAlias = PresenceLinkAck  # noqa: Y015
 class LogLinkRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SEQ_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     READ_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     APPEND_FIELD_NUMBER: _builtins.int
@@ -209,6 +258,10 @@ class LogLinkRequest(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Requester-chosen number, echoed in every frame that answers it."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the requester's span for this request (SPEC X6)."""
+
     @_builtins.property
     def read(self) -> Global___ReadLog: ...
     @_builtins.property
@@ -225,6 +278,7 @@ class LogLinkRequest(_message.Message):
         self,
         *,
         seq: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         read: Global___ReadLog | None = ...,
         credit: Global___ReadCredit | None = ...,
         append: Global___AppendMessages | None = ...,
@@ -234,7 +288,7 @@ class LogLinkRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "append", b"append", "credit", b"credit", "heartbeat", b"heartbeat", "list_devices", b"list_devices", "op", b"op", "read", b"read"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "append", b"append", "credit", b"credit", "heartbeat", b"heartbeat", "list_devices", b"list_devices", "op", b"op", "read", b"read", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "append", b"append", "credit", b"credit", "heartbeat", b"heartbeat", "list_devices", b"list_devices", "op", b"op", "read", b"read", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["read", "credit", "append", "ack", "list_devices", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
