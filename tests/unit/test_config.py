@@ -73,5 +73,7 @@ def test_readme_documents_every_setting() -> None:
 
     from bimip.cli import _settings_classes
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert settings_table([CoreSettings, *_settings_classes().values()]) in readme
+    root = Path(__file__).parents[2]
+    table = settings_table([CoreSettings, *_settings_classes().values()])
+    assert table in (root / "README.md").read_text()
+    assert table in (root / "docs" / "operations.md").read_text()  # the operator's reference too
