@@ -40,7 +40,14 @@ from bimip.core.errors import invalid
 from bimip.core.metrics import Metrics, MetricsServer
 from bimip.core.pubsub import Bus, InProcessBus, RedisBus
 from bimip.core.pubsub import redis_client as pooled_redis
-from bimip.core.storage import create_engine, migrate, ping
+from bimip.core.storage import (
+    create_engine,
+    head_revision,
+    migrate,
+    ping,
+    schema_is_current,
+    schema_revision,
+)
 from bimip.core.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -116,10 +123,25 @@ class Runtime:
     redis: Any | None  # redis.asyncio.Redis when configured
     credentials: ServiceCredentials
     metrics: Metrics  # the process's, shared by its services
+    schema_ready: bool = False  # the database was seen at the code's migration head
 
     async def healthy(self) -> bool:
+        """The database and Redis answer, and the database schema is the one this code needs (a
+        deployment's migration step may still be running: not ready until it is done)."""
         # With Redis configured, the bus's ping is the Redis check (one round trip, not two).
-        return all(await asyncio.gather(ping(self.engine), self.bus.ping()))
+        checks = await asyncio.gather(ping(self.engine), self.bus.ping(), self._schema())
+        return all(checks)
+
+    async def _schema(self) -> bool:
+        if not self.schema_ready:
+            revision = await schema_revision(self.engine)
+            self.schema_ready = schema_is_current(revision)
+            if not self.schema_ready:
+                log.warning(
+                    "database schema not ready: run `bimip migrate`",
+                    extra={"component": self.name, "revision": revision, "head": head_revision()},
+                )
+        return self.schema_ready
 
     async def close(self) -> None:
         if self.settings.redis_url is not None:

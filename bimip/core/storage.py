@@ -142,6 +142,15 @@ async def ping(engine: AsyncEngine, seconds: float = 2.0) -> bool:
     return True
 
 
+async def schema_revision(engine: AsyncEngine, seconds: float = 2.0) -> str | None:
+    """The migration revision the database is at; None if it has none or does not answer."""
+    try:
+        async with asyncio.timeout(seconds), engine.connect() as conn:
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    except Exception:  # noqa: BLE001 - no table yet, or no database: not at any revision
+        return None
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """`DateTime(timezone=True)` that always returns aware UTC datetimes and refuses naive ones.
 
@@ -188,6 +197,18 @@ def head_revision() -> str:
     if head is None:
         raise RuntimeError("no migration revisions found")
     return head
+
+
+def schema_is_current(revision: str | None) -> bool:
+    """Whether a database at `revision` has the schema this code needs: at the head, or at a
+    revision this code does not know (a newer release migrated it; migrations only add, so the
+    old code keeps working during a rolling upgrade). None or an older revision is not."""
+    if revision is None:
+        return False
+    script = ScriptDirectory.from_config(_alembic_config(""))
+    if revision == script.get_current_head():
+        return True
+    return revision not in {r.revision for r in script.walk_revisions()}
 
 
 async def migrate(url: str, revision: str = "head") -> None:

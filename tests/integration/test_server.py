@@ -107,6 +107,29 @@ async def test_health_follows_the_database(backend: Backend, tmp_path: Path) -> 
             await eventually(lambda: _is(channel, health_pb2.HealthCheckResponse.SERVING), timeout=10)
 
 
+async def test_not_ready_until_the_database_is_migrated(backend: Backend, tmp_path: Path) -> None:
+    """A deployment starts its pods while the migration step may still run: they answer liveness
+    but are not ready until the schema is the code's."""
+    from bimip.core.storage import migrate
+
+    env = {"BIMIP_MIGRATE_ON_START": "false", "BIMIP_HEALTH_CHECK_INTERVAL_S": "0.05"}
+    async with running_suite(backend, tmp_path, ["sync"], **env) as suite:
+        async with suite.channel("sync") as channel:
+            assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await health_status(channel, "liveness") == health_pb2.HealthCheckResponse.SERVING
+            await migrate(suite.services["sync"].runtime.settings.database_url)
+            await eventually(lambda: _is(channel, health_pb2.HealthCheckResponse.SERVING), timeout=10)
+
+
+def test_a_newer_schema_is_current_an_older_one_is_not() -> None:
+    """During a rolling upgrade the new release's migration runs first: the old pods stay ready."""
+    from bimip.core.storage import head_revision, schema_is_current
+
+    assert schema_is_current(head_revision())
+    assert schema_is_current("9999_from_a_newer_release")
+    assert not schema_is_current("0001") and not schema_is_current(None)
+
+
 def _broken_sqlite(tmp_path: Path):  # type: ignore[no-untyped-def]
     from bimip.core.storage import create_engine
 
