@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench bench-awareness bench-sync
+.PHONY: setup run test lint proto proto-check proto-breaking fmt clean bench bench-full bench-messaging bench-awareness bench-sync
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -46,7 +46,13 @@ proto-breaking: setup  ## buf breaking against the proto version recorded in pro
 	else echo "protos/BASELINE is empty: no released proto version to compare with"; fi
 
 BENCH_ARGS ?=
-bench: setup  ## messaging benchmark, reference workload, embedded backend (~1.5 min); BENCH_ARGS="--backend scale"
+bench: setup  ## every scenario, quick profile, embedded default (under 3 min); BENCH_ARGS="--only messaging idle"
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-full: setup  ## every scenario on both backends, reference durations (~15 min): the figures in BENCHMARKS.md
+	$(BIN)/python -m bench --full $(BENCH_ARGS)
+
+bench-messaging: setup  ## messaging alone, reference workload, next to the echo; BENCH_ARGS="--backend both"
 	$(BIN)/python -m bench.messaging $(BENCH_ARGS)
 
 bench-awareness: setup  ## awareness fan-out: 1,000 subscribers on two replicas, PostgreSQL + Redis (~1.5 min)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import random
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -96,6 +97,7 @@ class EchoClientArgs:
     address: str
     workload: Workload
     users: int  # users this process plays: two streams each
+    per_stream: float | None = None  # frames per second per sending stream; None = closed loop
 
 
 @dataclass
@@ -106,8 +108,11 @@ class EchoResult:
     incomplete: int = 0
 
 
-async def _stream(call: Any, workload: Workload, timeline: Timeline, result: EchoResult) -> None:
-    """Keep `inflight` frames in flight on one stream until the window ends; then drain."""
+async def _stream(
+    call: Any, workload: Workload, timeline: Timeline, result: EchoResult, per_stream: float | None = None
+) -> None:
+    """Keep `inflight` frames in flight on one stream until the window ends (paced at `per_stream`
+    frames per second if given, still at most `inflight` in flight); then drain."""
     slots = asyncio.Semaphore(workload.inflight)
     sent: dict[int, float] = {}
     padding = b"x" * (workload.size - 8)
@@ -125,7 +130,12 @@ async def _stream(call: Any, workload: Workload, timeline: Timeline, result: Ech
     reader = asyncio.create_task(read())
     await sleep_until(timeline.start)
     n = 0
+    # Paced streams start spread over one interval, as the messaging benchmark's senders do.
+    due = timeline.start + (random.uniform(0, 1 / per_stream) if per_stream else 0.0)
     while time.monotonic() < timeline.measure_to:
+        if per_stream:
+            await sleep_until(due)
+            due += 1 / per_stream
         await asyncio.wait_for(slots.acquire(), 30)
         began = time.monotonic()
         sent[n] = began
@@ -155,7 +165,9 @@ async def echo_client(args: EchoClientArgs, ready: Ready) -> EchoResult:
         timeline = Timeline.of(await ready(), args.workload)
         result = EchoResult()
         senders, idle = calls[: args.users], calls[args.users :]
-        await asyncio.gather(*(_stream(call, args.workload, timeline, result) for call in senders))
+        await asyncio.gather(
+            *(_stream(call, args.workload, timeline, result, args.per_stream) for call in senders)
+        )
         for call in idle:
             await call.done_writing()
         return result
@@ -164,11 +176,13 @@ async def echo_client(args: EchoClientArgs, ready: Ready) -> EchoResult:
             await channel.close()
 
 
-def run_echo(workload: Workload) -> dict[str, float]:
-    """The echo ceiling for `workload`: round trips per second and their latency."""
+def run_echo(workload: Workload, rate: float | None = None) -> dict[str, float]:
+    """The echo ceiling for `workload`: round trips per second and their latency; closed loop,
+    or paced at `rate` round trips per second in all."""
+    per_stream = None if rate is None else rate / workload.users
     with echo_server() as (address, pid):
         per_process = [
-            EchoClientArgs(address, workload, 2 * len(workload.pairs_of(process)))
+            EchoClientArgs(address, workload, 2 * len(workload.pairs_of(process)), per_stream)
             for process in range(workload.processes)
         ]
         run = run_clients(
@@ -181,6 +195,7 @@ def run_echo(workload: Workload) -> dict[str, float]:
     results = run.results
     latencies = [x for r in results for x in r.latencies]
     return {
+        **({"target_per_s": round(rate, 1)} if rate is not None else {}),
         "round_trips_per_s": round(sum(r.round_trips for r in results) / workload.duration, 1),
         **latency_ms(latencies, "round_trip"),
         "incomplete": sum(r.incomplete for r in results),

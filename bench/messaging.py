@@ -13,7 +13,7 @@ alone in its own process (`bimip run messaging`). After a warm-up, one window is
 Runs, in order: the echo ceiling (bench/echo.py, same layout); then per backend the closed-loop peak,
 and a run paced at half the measured peak for latency (`--pace` for other fractions; each paced run
 uses its own fresh users on the same server). Prints a table and writes
-bench/results/latest.json.
+bench/results/messaging.json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from bench.services import DOMAIN, Suite, running
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 
-RESULTS = Path(__file__).parent / "results" / "latest.json"
+RESULTS = Path(__file__).parent / "results" / "messaging.json"
 
 
 # --- one client process -------------------------------------------------------------------------
