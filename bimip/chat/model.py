@@ -77,6 +77,8 @@ class Conversation:
             line.key, line.offset = m.signal_id, entry.offset
             if line.mine:
                 line.status = max(line.status, SENT)
+            else:
+                self.typing = 0  # their message is what they were typing
             self.lines[m.signal_id] = line
             return True
         if kind == "receipt":

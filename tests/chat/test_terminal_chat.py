@@ -117,7 +117,7 @@ async def test_two_users_and_a_second_device_chat_in_terminals(
         await tmux.type("alice", "b")
         await tmux.keys("alice", "Enter")
         await eventually(lambda: tmux.shows("bob", "alice      hello bob"), timeout=15)
-        assert f"{A} is typing…" not in await tmux.screen("bob")  # sending ends the typing
+        await eventually(lambda: _not_shown(tmux, "bob", f"{A} is typing…"), timeout=15)  # sent: no typing
         # Bob's screen shows it, so it is read: Alice's ticks turn highlighted.
         await eventually(lambda: _read_ticks(tmux, "alice", "hello bob"), timeout=15)
 
@@ -138,6 +138,10 @@ async def test_two_users_and_a_second_device_chat_in_terminals(
         await tmux.keys("bob", "Enter")
         await eventually(lambda: tmux.shows("bob", "EXITED 0"), timeout=15)
         await eventually(lambda: tmux.shows("alice", f"⇄ {B} · offline, last seen"), timeout=30)
+
+
+async def _not_shown(tmux: Tmux, name: str, text: str) -> bool:
+    return text not in await tmux.screen(name)
 
 
 async def _read_ticks(tmux: Tmux, name: str, text: str) -> bool:
@@ -171,6 +175,22 @@ def test_ticks_follow_the_aggregate_status() -> None:
         )
         assert row().endswith(tail)
     assert list(c.lines) == ["s1"] and c.lines["s1"].text == "hi"  # the pending line, now SENT
+
+
+def test_a_message_from_the_peer_ends_their_typing() -> None:
+    from bimip.sdk import TYPING, ActivityChanged
+
+    c = Conversation(A, "laptop", B)
+    c.event(ActivityChanged(B, "phone", TYPING, None))
+    assert any("is typing…" in row for row in c.render("", 60, 8, color=False))
+    c.entry(
+        common_pb2.Entry(
+            offset=1,
+            peer_eid=B,
+            message=common_pb2.Message(signal_id="s2", sender=common_pb2.Identity(eid=B), payload=b"yo"),
+        )
+    )
+    assert not any("is typing…" in row for row in c.render("", 60, 8, color=False))
 
 
 async def test_piped_input_is_sent_and_each_change_is_printed(backend: Backend, tmp_path: Path) -> None:
