@@ -39,7 +39,7 @@ from bench.messaging import run_messaging
 from bench.services import running
 
 RESULTS = Path(__file__).parent / "results"
-SCENARIOS = ("echo", "messaging", "idle", "awareness", "sync")
+SCENARIOS = ("echo", "messaging", "replicas", "idle", "awareness", "sync")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,20 @@ def run_messaging_scenario(profile: Profile, say: Progress) -> Results:
     return results
 
 
+def run_replicas_scenario(profile: Profile, say: Progress) -> Results:
+    """Two messaging replicas on PostgreSQL + Redis against one: partners on different replicas."""
+    results: Results = {}
+    for replicas in (1, 2):
+        with running("scale", [["messaging"]] * replicas) as server:
+            say(f"replicas: {replicas} messaging process(es), closed loop")
+            name = f"replicas scale {replicas}× messaging peak"
+            results[name] = run_messaging(server, profile.workload, f"r{replicas}x", None)
+            say(f"{name}: {_short(results[name])}")
+    one, two = (results[f"replicas scale {n}× messaging peak"]["delivered_per_s"] for n in (1, 2))
+    results["replicas scale 2× messaging peak"]["vs_one_replica"] = round(two / one, 3) if one else 0.0
+    return results
+
+
 def run_idle_scenario(profile: Profile, say: Progress) -> Results:
     """Idle device streams held by one messaging process, and memory per stream."""
     from bench.idle import run_idle
@@ -174,10 +188,12 @@ def run_sync_scenario(profile: Profile, say: Progress) -> Results:
 RUNNERS: dict[str, Callable[[Profile, Progress], Results]] = {
     "echo": run_echo_scenario,
     "messaging": run_messaging_scenario,
+    "replicas": run_replicas_scenario,
     "idle": run_idle_scenario,
     "awareness": run_awareness_scenario,
     "sync": run_sync_scenario,
 }
+QUICK_SKIPS = ("replicas",)  # needs PostgreSQL + Redis: in --full, or asked for with --only
 
 
 # --- targets ----------------------------------------------------------------------------------------
@@ -286,6 +302,16 @@ def targets(results: Results, backends: tuple[str, ...]) -> list[Target]:
                         ratio <= 1.2,
                     )
                 )
+    two = results.get("replicas scale 2× messaging peak")
+    if two and "vs_one_replica" in two:
+        out.append(
+            Target(
+                "messaging scale: 2 replicas ÷ 1 replica, delivered msgs/s",
+                two["vs_one_replica"],
+                "(reported)",
+                None,
+            )
+        )
     return out
 
 
@@ -389,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(
             profile, backends=("embedded", "scale") if args.backend == "both" else (args.backend,)
         )
-    chosen = [name for name in SCENARIOS if not args.only or name in args.only]
-    if "messaging" in chosen and "echo" not in chosen:
+    chosen = [
+        name
+        for name in SCENARIOS
+        if (name in args.only if args.only else profile.name == "full" or name not in QUICK_SKIPS)
+    ]
+    if {"messaging", "replicas"} & set(chosen) and "echo" not in chosen:
         chosen.insert(0, "echo")  # the ceiling is measured in the same run, always
     say = Progress()
     say(f"profile {profile.name}, backends {', '.join(profile.backends)}, scenarios {', '.join(chosen)}")

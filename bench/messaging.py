@@ -65,7 +65,7 @@ class UserSpec:
 
 @dataclass(frozen=True)
 class ClientArgs:
-    address: str
+    addresses: tuple[str, ...]  # messaging replicas: user n's devices connect to addresses[n % len]
     workload: Workload
     users: tuple[UserSpec, ...]
     rate_per_sender: float | None  # None: closed loop, as fast as the in-flight window allows
@@ -302,7 +302,7 @@ async def messaging_client(args: ClientArgs, ready: Ready) -> ClientResult:
     """One client process: connect every device of its users, wait for the start, run, drain."""
     run = Run(Timeline(0, 0, 0))
     connects = [
-        Device.connect(args.address, token, user.eid, device_id, run)
+        Device.connect(args.addresses[user.index % len(args.addresses)], token, user.eid, device_id, run)
         for user in args.users
         for device_id, token in zip(("d1", "d2"), user.tokens, strict=True)
     ]
@@ -336,7 +336,7 @@ def run_messaging(server: Suite, workload: Workload, label: str, rate: float | N
     per_sender = None if rate is None else rate / workload.users
     per_process = [
         ClientArgs(
-            server.addresses("messaging")[0],
+            tuple(server.addresses("messaging")),  # with two replicas, partners are on different ones
             workload,
             tuple(user for pair in workload.pairs_of(p) for user in users[2 * pair : 2 * pair + 2]),
             per_sender,

@@ -69,6 +69,16 @@ def test_a_short_idle_run_is_not_judged_on_the_count() -> None:
     assert judged["idle embedded: memory per idle stream"] == (True, "≤ 30")
 
 
+def test_two_replicas_are_reported_against_one() -> None:
+    results = {"replicas scale 2× messaging peak": {"delivered_per_s": 250.0, "vs_one_replica": 0.5}}
+    (row,) = targets(results, ("scale",))
+    assert (row.what, row.measured, row.met) == (
+        "messaging scale: 2 replicas ÷ 1 replica, delivered msgs/s",
+        0.5,
+        None,
+    )
+
+
 def test_a_scenario_not_run_has_no_target() -> None:
     assert targets({"echo peak": RESULTS["echo peak"]}, ("embedded", "scale")) == []
 
