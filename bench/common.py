@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing
 import os
@@ -11,7 +12,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -190,6 +191,31 @@ class ClientsRun(Generic[R]):
     clients_cpu: float  # cores the client processes used together during the window
 
 
+Started = list[tuple[multiprocessing.process.BaseProcess, Connection]]
+
+
+@contextlib.contextmanager
+def spawned_clients(fn: ClientMain[A, R], per_process: Sequence[A]) -> Iterator[Started]:
+    """One spawned process per element of `per_process`, running `fn(args, ready)` (see `_child`),
+    with the parent's end of its pipe; on exit each is joined, and terminated if it hangs."""
+    ctx = multiprocessing.get_context("spawn")
+    started: Started = []
+    try:
+        for args in per_process:
+            parent, child = ctx.Pipe()
+            spawned = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
+            spawned.start()
+            started.append((spawned, parent))
+        yield started
+    finally:
+        for process, conn in started:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            conn.close()
+
+
 def run_clients(
     fn: ClientMain[A, R],
     per_process: Sequence[A],
@@ -202,14 +228,7 @@ def run_clients(
     the same moment once every one is ready; return their results in order, with the CPU the server
     processes (together) and the clients used during the measurement window [start + warmup,
     start + warmup + duration)."""
-    ctx = multiprocessing.get_context("spawn")
-    started: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
-    try:
-        for args in per_process:
-            parent, child = ctx.Pipe()
-            spawned = ctx.Process(target=_child, args=(child, fn, args), daemon=True)
-            spawned.start()
-            started.append((spawned, parent))
+    with spawned_clients(fn, per_process) as started:
         for _, conn in started:
             _expect(conn, "ready", 120)
         start_at = time.time() + 0.5
@@ -224,10 +243,3 @@ def run_clients(
         limit = DRAIN_S + 60
         results = [_expect(conn, "result", limit) for _, conn in started]
         return ClientsRun(results, round(sum(used[:servers]), 2), round(sum(used[servers:]), 2))
-    finally:
-        for process, conn in started:
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            conn.close()

@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,12 @@ from bench.common import (
     CHANNEL_OPTIONS,
     Ready,
     Timeline,
-    _child,
     _expect,
     cpu_seconds,
     latency_ms,
     machine_info,
     sleep_until,
+    spawned_clients,
 )
 from bench.services import DOMAIN, running
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
@@ -379,16 +378,9 @@ def _drive(per_process: Sequence[ClientArgs], server_pid: int, hold_s: float, la
     Unlike `run_clients`, the opening phase may take as long as the opens need (up to 1 s per 20
     streams), not 120 s: on a 2-CPU machine the server opens ~90 streams/s on embedded and only
     35-75/s on scale, so 10,000 streams take minutes."""
-    ctx = multiprocessing.get_context("spawn")
     opened = per_process[0].opened
     total = sum(len(args.eids) for args in per_process)
-    started: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
-    try:
-        for args in per_process:
-            parent, child = ctx.Pipe()
-            spawned = ctx.Process(target=_child, args=(child, idle_client, args), daemon=True)
-            spawned.start()
-            started.append((spawned, parent))
+    with spawned_clients(idle_client, per_process) as started:
         t0 = time.monotonic()
         deadline = t0 + max(120.0, total / 20)
         half: tuple[Sample, int] | None = None
@@ -421,13 +413,6 @@ def _drive(per_process: Sequence[ClientArgs], server_pid: int, hold_s: float, la
         limit = PROBE_AFTER_S + PROBE_TIMEOUT_S + CLOSE_TIMEOUT_S + 60
         results = [_expect(conn, "result", limit) for _, conn in started]
         return Phases(half, hold_start, hold_end, clients_cpu, results)
-    finally:
-        for process, conn in started:
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            conn.close()
 
 
 def run_idle(
