@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 MESSAGING, AWARENESS, SYNC = "127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"
 _CLOSED = object()
+STATS_OFFSETS = 1024
 _T = TypeVar("_T")
 
 
@@ -100,7 +101,13 @@ class Stats:
 
     deliveries: int = 0
     dropped: int = 0
-    by_offset: dict[int, int] = field(default_factory=dict)  # deliveries per offset
+    by_offset: dict[int, int] = field(default_factory=dict)  # deliveries per offset, the latest 1,024
+
+    def delivered(self, offset: int) -> None:
+        self.deliveries += 1
+        self.by_offset[offset] = self.by_offset.get(offset, 0) + 1
+        if len(self.by_offset) > STATS_OFFSETS:  # a long-running client must not grow without end
+            del self.by_offset[next(iter(self.by_offset))]  # the first delivered of those kept
 
 
 def token_identity(token: str) -> tuple[str, str]:
@@ -778,8 +785,7 @@ class Client:
             future.set_exception(error)
 
     def _deliver(self, entry: common_pb2.Entry) -> None:
-        self.stats.deliveries += 1
-        self.stats.by_offset[entry.offset] = self.stats.by_offset.get(entry.offset, 0) + 1
+        self.stats.delivered(entry.offset)
         if entry.offset <= self._emitted:
             self.stats.dropped += 1
             return  # a redelivery or a replay of what the application already has
