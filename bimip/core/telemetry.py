@@ -20,6 +20,7 @@ which is stateless and shared; only the provider is per service.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import uuid
 import weakref
@@ -40,9 +41,11 @@ from opentelemetry.instrumentation.sqlalchemy.version import (
     __version__ as _sqlalchemy_instrumentation_version,
 )
 from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -161,7 +164,9 @@ def setup_telemetry(
 
     `otlp_endpoint` (e.g. "http://jaeger:4317"; http:// means plaintext) gets spans in batches over
     OTLP/gRPC; `exporter` gets each span as it ends (tests pass an InMemorySpanExporter). With
-    neither, spans are created (trace context still propagates) but exported nowhere.
+    neither, spans would be exported nowhere, so only those whose parent arrived sampled are
+    recorded (a parent-based sampler that samples no root): trace context still propagates, and the
+    cost of building unexported spans is not paid. OTEL_TRACES_SAMPLER, when set, chooses instead.
     The resource carries `service.name`, `service.namespace="bimip"` and a fresh
     `service.instance.id` (so replicas are told apart), plus `resource_attributes`, which may
     override the namespace and instance id but not the service name.
@@ -174,7 +179,10 @@ def setup_telemetry(
         **(resource_attributes or {}),
         "service.name": service_name,
     }
-    provider = TracerProvider(resource=Resource.create(attributes))
+    sampler: Sampler | None = None  # None: the SDK reads OTEL_TRACES_SAMPLER (default: parent, else on)
+    if not otlp_endpoint and exporter is None and not os.environ.get(OTEL_TRACES_SAMPLER):
+        sampler = ParentBased(ALWAYS_OFF)
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     if otlp_endpoint:
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
     if exporter is not None:
