@@ -31,7 +31,6 @@ from opentelemetry.trace import SpanKind, Tracer
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
 from bimip.core.metrics import Metrics
@@ -351,10 +350,10 @@ class DeviceStream:
                 self.hub.count_delivered(sent, again)
 
     async def _send(self, row: Row, *, redelivery: bool = False, replay: bool = False) -> None:
-        entry = common_pb2.Entry.FromString(row.body)
         frame = messaging_pb2.ConnectResponse(
-            delivery=messaging_pb2.Delivery(entry=entry, redelivery=redelivery, replay=replay)
+            delivery=messaging_pb2.Delivery(redelivery=redelivery, replay=replay)
         )
+        frame.delivery.entry.MergeFromString(row.body)  # parsed in place: no copy
         with self.tracer.start_as_current_span(
             "messaging deliver",
             context=context_of(row.trace_context),

@@ -1121,7 +1121,7 @@ class _LogLink:
                         break
                     position = r.offset
                     if everything or r.visible_to(reader.eid, reader.device_id):
-                        page.entries.append(common_pb2.Entry.FromString(r.body))
+                        page.entries.add().MergeFromString(r.body)  # parsed in place: no copy
                         sent += 1
                 done = (
                     len(rows) < page_size
