@@ -133,14 +133,16 @@ class Tx:
             by_eid[item.eid].append(item)
         logs = store.logs
         eids = sorted(by_eid)
-        for chunk in chunks(eids):
-            statement = self.upsert(logs).values(
-                [{"eid": eid, "head": len(by_eid[eid]), "first_offset": 1} for eid in chunk]
-            )
+        if eids:
+            # One statement whatever the number of logs (executemany; SQLAlchemy sends it as
+            # multi-row VALUES in the given order): its compiled form is cached, where a VALUES
+            # list built here would be compiled anew for every batch size.
+            statement = self.upsert(logs)
             statement = statement.on_conflict_do_update(
                 index_elements=[logs.c.eid], set_={"head": logs.c.head + statement.excluded.head}
             ).returning(logs.c.eid, logs.c.head)
-            for eid, head in await self.conn.execute(statement):
+            rows = [{"eid": eid, "head": len(by_eid[eid]), "first_offset": 1} for eid in eids]
+            for eid, head in await self.conn.execute(statement, rows):
                 items = by_eid[eid]
                 for offset, item in enumerate(items, start=head - len(items) + 1):
                     item.offset = offset

@@ -4,6 +4,7 @@ the SDK's sync: explicit sync, history from the local copy, resume and reset fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from bimip.core.clock import FakeClock
 from bimip.sdk import (
+    DELIVERED,
     DND,
     OFFLINE,
     ONLINE,
@@ -218,6 +220,15 @@ async def test_history_holds_both_sides_and_resume_repairs_a_damaged_copy(
                 return messages == ["a0", "a1", "a2", "a3", "b0"]
 
             await eventually(a1_history_is_whole)  # its own four, and the reply once processed
+            # b1's log ends with the reply's DELIVERED receipt (a1's ack): until b1 has stored it, a
+            # resume would find that range short of it.
+            await eventually(lambda: b1.statuses("b0") == [DELIVERED])
+
+            def b1_stored_up_to() -> int:
+                with contextlib.closing(sqlite3.connect(tmp_path / f"{B}-b1.db")) as db:
+                    return int(db.execute('SELECT max("offset") FROM log').fetchone()[0] or 0)
+
+            await eventually(lambda: b1_stored_up_to() == 6)
             # The local copy is the server's, byte for byte: nothing to repair.
             assert await b1.client.resume_from_snapshot() == 0
             db = sqlite3.connect(tmp_path / f"{B}-b1.db")
