@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Table, event, text
+from sqlalchemy import ClauseElement, Table, TextClause, bindparam, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -125,6 +127,38 @@ def _create_sqlite_engine(url: str, *, immediate: bool = False) -> AsyncEngine:
 def dialect_insert(engine: AsyncEngine | AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """The INSERT of the engine's dialect, which knows ON CONFLICT (SQLite and PostgreSQL alike)."""
     return (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def upsert_statement(
+    bind: AsyncEngine | AsyncConnection,
+    key: str,
+    table: Table,
+    columns: Sequence[str],
+    on_conflict: Callable[[Any], ClauseElement],
+) -> TextClause:
+    """`on_conflict(insert)`: an INSERT … ON CONFLICT of `bind`'s dialect, compiled once per
+    process and dialect, as text with the same bind types (which SQLAlchemy caches like any
+    statement).
+
+    SQLAlchemy never caches the compiled form of a dialect INSERT with ON CONFLICT, so on a hot
+    path it would compile it again on every execution, which costs more than running it. `insert`
+    is the dialect's INSERT into `table`; the statement is compiled for `columns`, the keys of
+    every parameter row. `key` names the statement: use it for one statement only. No RETURNING
+    (text cannot return the rows of an executemany).
+    """
+    dialect = bind.dialect
+    found = _UPSERTS.get((dialect.name, key))
+    if found is None:
+        named = (postgresql.dialect if dialect.name == "postgresql" else sqlite.dialect)(paramstyle="named")
+        compiled = on_conflict(dialect_insert(bind, table)).compile(dialect=named, column_keys=list(columns))
+        assert isinstance(compiled, SQLCompiler)
+        found = _UPSERTS[(dialect.name, key)] = text(compiled.string).bindparams(
+            *(bindparam(name, type_=b.type) for name, b in compiled.binds.items())
+        )
+    return found
+
+
+_UPSERTS: dict[tuple[str, str], TextClause] = {}
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

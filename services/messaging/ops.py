@@ -78,6 +78,47 @@ class _Key:
         return self.pending.offset if self.pending is not None else self.offset
 
 
+# The statements of every batch, built once (building them costs more than running them).
+_SENDS_OF = select(
+    store.sends.c.sender_eid,
+    store.sends.c.client_id,
+    store.sends.c.signal_id,
+    store.sends.c.offset,
+    store.sends.c.server_time,
+    store.sends.c.content_hash,
+).where(
+    store.sends.c.sender_eid.in_(bindparam("senders", expanding=True)),
+    store.sends.c.client_id.in_(bindparam("client_ids", expanding=True)),
+)
+_BLOCKS_OF = select(store.blocks.c.blocker_eid, store.blocks.c.blocked_eid).where(
+    store.blocks.c.blocker_eid.in_(bindparam("blockers", expanding=True)),
+    store.blocks.c.blocked_eid.in_(bindparam("blocked", expanding=True)),
+)
+_MOVE_CURSORS = (
+    update(store.devices)
+    .where(
+        store.devices.c.eid == bindparam("b_eid"),
+        store.devices.c.device_id == bindparam("b_device"),
+        store.devices.c.cursor < bindparam("b_cursor"),
+    )
+    .values(cursor=bindparam("b_cursor"), last_seen_at=bindparam("b_now"))
+)
+_MARK_DELIVERED = (
+    update(store.messages)
+    .where(
+        store.messages.c.signal_id.in_(bindparam("signal_ids", expanding=True)),
+        store.messages.c.status < DELIVERED,
+    )
+    .values(status=DELIVERED, delivered_at=bindparam("now"))
+    .returning(
+        store.messages.c.signal_id,
+        store.messages.c.client_id,
+        store.messages.c.sender_eid,
+        store.messages.c.trace_context,
+    )
+)
+
+
 async def prepare_batch(tx: Tx, ops: Sequence[Op]) -> None:
     """Read every idempotency key and block of the batch's sends in two queries."""
     send_ops = [op for op in ops if isinstance(op, SendOp)]
@@ -89,14 +130,9 @@ async def prepare_batch(tx: Tx, ops: Sequence[Op]) -> None:
     # Two plain IN lists rather than a row-value IN, which SQLite answers with a full scan; the
     # few extra rows the cross product may bring are filtered out here.
     wanted = {(op.sender.eid, op.message.client_id) for op in send_ops}
-    s = store.sends
     senders = sorted({eid for eid, _ in wanted})
     for chunk in chunks(sorted({client_id for _, client_id in wanted})):
-        rows = await tx.conn.execute(
-            select(
-                s.c.sender_eid, s.c.client_id, s.c.signal_id, s.c.offset, s.c.server_time, s.c.content_hash
-            ).where(s.c.sender_eid.in_(senders), s.c.client_id.in_(chunk))
-        )
+        rows = await tx.conn.execute(_SENDS_OF, {"senders": senders, "client_ids": chunk})
         for row in rows:
             if (row.sender_eid, row.client_id) in wanted:
                 keys[(row.sender_eid, row.client_id)] = _Key(
@@ -106,14 +142,9 @@ async def prepare_batch(tx: Tx, ops: Sequence[Op]) -> None:
     both = {p for p in pairs | {(b, a) for a, b in pairs} if p[0] != p[1]}
     if not both:
         return
-    b = store.blocks
     blockers = sorted({p[0] for p in both})
     for chunk in chunks(sorted({p[1] for p in both})):
-        rows = await tx.conn.execute(
-            select(b.c.blocker_eid, b.c.blocked_eid).where(
-                b.c.blocker_eid.in_(blockers), b.c.blocked_eid.in_(chunk)
-            )
-        )
+        rows = await tx.conn.execute(_BLOCKS_OF, {"blockers": blockers, "blocked": chunk})
         blocked.update(r for r in ((row.blocker_eid, row.blocked_eid) for row in rows) if r in both)
 
 
@@ -231,6 +262,23 @@ class SendOp:
         )
 
 
+_STATUS_COLUMNS = ("signal_id", "eid", "device_id", "status", "delivered_at", "read_at", "played_at")
+_DELIVERED_COLUMNS = ("signal_id", "eid", "device_id", "status", "delivered_at")
+_DEVICE_COLUMNS = ("eid", "device_id", "cursor", "first_seen_at", "last_seen_at")
+
+
+def _do_nothing(insert: Any) -> Any:
+    return insert.on_conflict_do_nothing()
+
+
+def _raise_status(insert: Any) -> Any:
+    st = store.statuses
+    return insert.on_conflict_do_update(
+        index_elements=[st.c.signal_id, st.c.eid, st.c.device_id],
+        set_={name: insert.excluded[name] for name in ("status", "delivered_at", "read_at", "played_at")},
+    )
+
+
 async def record_statuses(tx: Tx, eid: str, device_id: str, signal_ids: Sequence[str], status: int) -> int:
     """Raise one recipient device's status on messages (M8); return how many it raised.
 
@@ -273,18 +321,8 @@ async def record_statuses(tx: Tx, eid: str, device_id: str, signal_ids: Sequence
         if not rows:
             continue
         raised += len(rows)
-        upsert = tx.upsert(st)
         await tx.conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[st.c.signal_id, st.c.eid, st.c.device_id],
-                set_={
-                    "status": upsert.excluded.status,
-                    "delivered_at": upsert.excluded.delivered_at,
-                    "read_at": upsert.excluded.read_at,
-                    "played_at": upsert.excluded.played_at,
-                },
-            ),
-            rows,
+            tx.upsert("messaging: raise statuses", st, _STATUS_COLUMNS, _raise_status), rows
         )
         await _raise_aggregates(tx, [r["signal_id"] for r in rows], status, by, now)
     return raised
@@ -425,19 +463,13 @@ class _Acks:
             self.pairs.add((signal_id, eid, device_id))
 
     async def flush(self, tx: Tx) -> None:
-        d, st, m = store.devices, store.statuses, store.messages
+        st = store.statuses
         now = tx.now
         if self.cursors:
             await tx.conn.execute(
-                update(d)
-                .where(
-                    d.c.eid == bindparam("b_eid"),
-                    d.c.device_id == bindparam("b_device"),
-                    d.c.cursor < bindparam("b_cursor"),
-                )
-                .values(cursor=bindparam("b_cursor"), last_seen_at=now),
+                _MOVE_CURSORS,
                 [
-                    {"b_eid": e, "b_device": dev, "b_cursor": c}
+                    {"b_eid": e, "b_device": dev, "b_cursor": c, "b_now": now}
                     for (e, dev), c in sorted(self.cursors.items())
                 ],
             )
@@ -445,7 +477,7 @@ class _Acks:
             return
         # DELIVERED is the first status a device can have: an existing row is already at least that.
         await tx.conn.execute(
-            tx.upsert(st).on_conflict_do_nothing(),
+            tx.upsert("messaging: statuses delivered", st, _DELIVERED_COLUMNS, _do_nothing),
             [
                 {"signal_id": s, "eid": e, "device_id": dev, "status": DELIVERED, "delivered_at": now}
                 for s, e, dev in sorted(self.pairs)
@@ -454,12 +486,7 @@ class _Acks:
         # The aggregate moves at most once to DELIVERED: the guarded UPDATE returns the rows it moved,
         # and on PostgreSQL a concurrent transaction re-checks the guard after this one commits.
         for chunk in chunks(sorted(self.delivered)):
-            moved = await tx.conn.execute(
-                update(m)
-                .where(m.c.signal_id.in_(chunk), m.c.status < DELIVERED)
-                .values(status=DELIVERED, delivered_at=now)
-                .returning(m.c.signal_id, m.c.client_id, m.c.sender_eid, m.c.trace_context)
-            )
+            moved = await tx.conn.execute(_MARK_DELIVERED, {"signal_ids": chunk, "now": now})
             for row in sorted(moved, key=lambda r: r.signal_id):
                 key = self.delivered[row.signal_id]
                 receipt_to_sender(tx, row, DELIVERED, _identity(*key), self.causes.get(key))
@@ -732,15 +759,14 @@ class DeviceSeenOp:
                 )
             cursor = first - 1
             await tx.conn.execute(
-                tx.upsert(d)
-                .values(
-                    eid=self.eid,
-                    device_id=self.device_id,
-                    cursor=cursor,
-                    first_seen_at=tx.now,
-                    last_seen_at=tx.now,
-                )
-                .on_conflict_do_nothing()
+                tx.upsert("messaging: new device", d, _DEVICE_COLUMNS, _do_nothing),
+                {
+                    "eid": self.eid,
+                    "device_id": self.device_id,
+                    "cursor": cursor,
+                    "first_seen_at": tx.now,
+                    "last_seen_at": tx.now,
+                },
             )
         state = DeviceState(cursor, head, first)
         return lambda: state
@@ -760,9 +786,8 @@ class BlockOp:
         b = store.blocks
         if self.blocked:
             await tx.conn.execute(
-                tx.upsert(b)
-                .values(blocker_eid=self.blocker_eid, blocked_eid=self.blocked_eid, created_at=tx.now)
-                .on_conflict_do_nothing()
+                tx.upsert("messaging: block", b, ("blocker_eid", "blocked_eid", "created_at"), _do_nothing),
+                {"blocker_eid": self.blocker_eid, "blocked_eid": self.blocked_eid, "created_at": tx.now},
             )
         else:
             await tx.conn.execute(

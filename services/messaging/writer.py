@@ -26,7 +26,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Tracer
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, TextClause, bindparam, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,7 +34,7 @@ from bimip.common.v1 import common_pb2
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
 from bimip.core.metrics import Metrics
-from bimip.core.storage import dialect_insert
+from bimip.core.storage import upsert_statement
 from services.messaging import store
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,12 @@ class Tx:
         """Publish on the bus after the commit."""
         self.events.append((channel, body))
 
-    def upsert(self, table: Table) -> Any:
-        """The dialect's INSERT, which knows ON CONFLICT."""
-        return dialect_insert(self.conn, table)
+    def upsert(
+        self, key: str, table: Table, columns: Sequence[str], on_conflict: Callable[[Any], Any]
+    ) -> TextClause:
+        """`on_conflict(insert)` on the dialect's INSERT into `table`, for parameter rows with
+        `columns`, compiled once per process (see `upsert_statement`); `key` names it."""
+        return upsert_statement(self.conn, key, table, columns, on_conflict)
 
     def lock(self, statement: Any) -> Any:
         """SELECT … FOR UPDATE on PostgreSQL; SQLite's writer already holds the database lock."""
@@ -131,23 +134,21 @@ class Tx:
         by_eid: dict[str, list[Append]] = defaultdict(list)
         for item in self.appends:
             by_eid[item.eid].append(item)
-        logs = store.logs
         eids = sorted(by_eid)
         if eids:
-            # One statement whatever the number of logs (executemany; SQLAlchemy sends it as
-            # multi-row VALUES in the given order): its compiled form is cached, where a VALUES
-            # list built here would be compiled anew for every batch size.
-            statement = self.upsert(logs)
-            statement = statement.on_conflict_do_update(
-                index_elements=[logs.c.eid], set_={"head": logs.c.head + statement.excluded.head}
-            ).returning(logs.c.eid, logs.c.head)
-            rows = [{"eid": eid, "head": len(by_eid[eid]), "first_offset": 1} for eid in eids]
-            for eid, head in await self.conn.execute(statement, rows):
-                items = by_eid[eid]
-                for offset, item in enumerate(items, start=head - len(items) + 1):
-                    item.offset = offset
-                    item.entry.offset = offset
-                self.heads[eid] = head
+            # One executemany in eid order (so two replicas lock log rows in the same order), then
+            # the new heads.
+            await self.conn.execute(
+                self.upsert("messaging: log heads", store.logs, _LOG_HEAD_COLUMNS, _add_to_head),
+                [{"eid": eid, "head": len(by_eid[eid]), "first_offset": 1} for eid in eids],
+            )
+            for chunk in chunks(eids):
+                for eid, head in await self.conn.execute(_HEADS, {"eids": chunk}):
+                    items = by_eid[eid]
+                    for offset, item in enumerate(items, start=head - len(items) + 1):
+                        item.offset = offset
+                        item.entry.offset = offset
+                    self.heads[eid] = head
         if self.appends:
             await self.conn.execute(
                 insert(store.entries),
@@ -173,6 +174,18 @@ class Tx:
             grouped[table].append(row())
         for table, rows in grouped.items():
             await self.conn.execute(insert(table), rows)
+
+
+_LOG_HEAD_COLUMNS = ("eid", "head", "first_offset")
+_HEADS = select(store.logs.c.eid, store.logs.c.head).where(
+    store.logs.c.eid.in_(bindparam("eids", expanding=True))
+)
+
+
+def _add_to_head(insert: Any) -> Any:
+    return insert.on_conflict_do_update(
+        index_elements=[store.logs.c.eid], set_={"head": store.logs.c.head + insert.excluded.head}
+    )
 
 
 class Op(Protocol):

@@ -26,6 +26,7 @@ from bimip.core.storage import (
     migrate,
     ping,
     session_factory,
+    upsert_statement,
 )
 from services.messaging.store import Device
 from tests.conftest import Backend
@@ -179,6 +180,39 @@ async def test_device_round_trip_keeps_timezone_aware_timestamps(
     assert devices[0].last_seen_at.tzinfo is not None
     assert devices[0].last_seen_at.utcoffset() == timedelta(0)
     assert [d.device_id for d in recent] == ["d1"]
+
+
+async def test_upsert_statements_are_compiled_once_and_keep_their_bind_types(
+    backend: Backend, engine: AsyncEngine
+) -> None:
+    await migrate(backend.database_url)
+    d = Device.__table__
+    columns = ("eid", "device_id", "cursor", "first_seen_at", "last_seen_at")
+
+    def newer_cursor(insert: Any) -> Any:
+        return insert.on_conflict_do_update(
+            index_elements=[d.c.eid, d.c.device_id],
+            set_={"cursor": insert.excluded.cursor, "last_seen_at": insert.excluded.last_seen_at},
+        )
+
+    first = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    later = datetime(
+        2025, 1, 2, 6, 4, 5, tzinfo=timezone(timedelta(hours=2))
+    )  # converted to UTC on the way in
+    async with engine.begin() as conn:
+        statement = upsert_statement(conn, "test: device cursor", d, columns, newer_cursor)
+        assert upsert_statement(conn, "test: device cursor", d, columns, newer_cursor) is statement
+        row = {"eid": "a@x", "device_id": "d1", "cursor": 1, "first_seen_at": first, "last_seen_at": first}
+        await conn.execute(statement, [row, {**row, "device_id": "d2"}])
+        await conn.execute(statement, {**row, "cursor": 7, "last_seen_at": later})
+        with pytest.raises(sqlalchemy.exc.StatementError, match="naive datetime"):
+            await conn.execute(statement, {**row, "last_seen_at": datetime(2025, 1, 1)})
+    async with session_factory(engine)() as session:
+        devices = (await session.exec(select(Device).order_by(Device.device_id))).all()
+    assert [(x.device_id, x.cursor, x.first_seen_at, x.last_seen_at) for x in devices] == [
+        ("d1", 7, first, later),
+        ("d2", 1, first, first),
+    ]
 
 
 async def test_naive_timestamps_are_refused(backend: Backend, engine: AsyncEngine) -> None:

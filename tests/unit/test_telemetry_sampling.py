@@ -6,6 +6,8 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from bimip.core.telemetry import setup_telemetry
 
@@ -54,3 +56,32 @@ def test_otel_traces_sampler_chooses_when_set(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
     tracer = setup_telemetry("sampling-test").tracer("test")
     assert tracer.start_span("root").is_recording()
+
+
+async def test_without_an_exporter_statements_are_not_hooked_and_with_one_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Statement spans are leaves: with nothing exporting, the engine is left without the hooks
+    (which cost on every statement); with an exporter, every statement is a span."""
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    silent, traced = create_async_engine("sqlite+aiosqlite://"), create_async_engine("sqlite+aiosqlite://")
+    exporter = InMemorySpanExporter()
+    quiet = setup_telemetry("sampling-test")
+    loud = setup_telemetry("sampling-test", exporter=exporter)
+    try:
+        assert not quiet.exporting and loud.exporting
+        quiet.instrument_engine(silent)
+        loud.instrument_engine(traced)
+        assert not silent.sync_engine.dispatch.before_cursor_execute
+        assert traced.sync_engine.dispatch.before_cursor_execute
+        for engine in (silent, traced):
+            async with engine.connect() as conn:
+                with loud.tracer("test").start_as_current_span("parent"):
+                    assert (await conn.execute(text("SELECT 41 + 1"))).scalar_one() == 42
+        statements = [s for s in exporter.get_finished_spans() if s.name != "parent"]
+        assert len(statements) == 1  # the traced engine's SELECT, and only that
+        assert statements[0].attributes is not None
+        assert statements[0].attributes.get("db.statement") == "SELECT 41 + 1"
+    finally:
+        await silent.dispose()
+        await traced.dispose()
