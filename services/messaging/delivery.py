@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bimip.core.aio import Flag, Mailbox
 from bimip.core.clock import Clock
 from bimip.core.errors import BimipError
 from bimip.core.metrics import Metrics
@@ -159,20 +160,20 @@ class DeviceStream:
         self.opened = (time.time_ns(), self.sid)
         self.cursor = cursor
         self.scanned = cursor  # everything up to here was sent or passed over in this pass
-        self.inflight: deque[int] = deque()
+        self.inflight: list[int] = []  # sent and unacknowledged, ascending (a list is smaller than a deque)
         self.traces: dict[int, str | None] = {}  # sent and unacknowledged: offset -> traceparent
         self.received: dict[int, str] = {}  # of those, messages from other users: offset -> signal_id
         self.window = window
         self.grace = grace
         self.clock = clock
         self.tracer = tracer
-        self.out: asyncio.Queue[messaging_pb2.ConnectResponse | Closed] = asyncio.Queue(queue_size)
+        self.out: Mailbox[messaging_pb2.ConnectResponse | Closed] = Mailbox(queue_size)
         self.redeliver_upto = 0
         self._reached = cursor
-        self._wake = asyncio.Event()
+        self._wake = Flag()
         self._grace_expired = False
         self._grace_task: asyncio.Task[None] | None = None
-        self._replays: deque[tuple[str, int]] = deque()
+        self._replays: list[tuple[str, int]] = []
         self._pump_task: asyncio.Task[None] | None = None
         self._closed = False
         self.pending_cursor: int | None = None  # a cursor move requested and not yet committed
@@ -252,7 +253,7 @@ class DeviceStream:
             return
         self.cursor = cursor
         while self.inflight and self.inflight[0] <= cursor:
-            self.inflight.popleft()
+            self.inflight.pop(0)
         for offset in [o for o in self.traces if o <= cursor]:
             del self.traces[offset]
             self.received.pop(offset, None)
@@ -303,7 +304,7 @@ class DeviceStream:
                         self.inflight.clear()
                         self.scanned = self.cursor
                 while self._replays:
-                    peer, after = self._replays.popleft()
+                    peer, after = self._replays.pop(0)
                     await self._replay(peer, after)
                 await self._fill()
                 if not self.inflight and self.scanned > self.cursor and self.pending_cursor is None:

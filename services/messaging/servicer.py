@@ -22,6 +22,7 @@ from opentelemetry.trace import Link, SpanKind
 from sqlalchemy import select
 
 from bimip.common.v1 import common_pb2
+from bimip.core.aio import Mailbox
 from bimip.core.auth import Principal, current_principal
 from bimip.core.clock import timestamp
 from bimip.core.errors import BimipError, invalid
@@ -659,14 +660,15 @@ class _Session:
         self.stream = stream
         self.principal = principal
         self.sender = common_pb2.Identity(eid=principal.eid, device_id=principal.device_id)
-        self.acks: asyncio.Queue[tuple[int, int, Context | None]] = asyncio.Queue()
+        self.acks: Mailbox[tuple[int, int, Context | None]] = Mailbox()
         stream_span = trace.get_current_span().get_span_context()
         self.links = [Link(stream_span)] if stream_span.is_valid else []
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.acking: asyncio.Future[Any] | None = None  # the ack loop, while acks wait for it
 
     def start(self, requests: AsyncIterator[messaging_pb2.ConnectRequest]) -> None:
         self.stream.start()
-        for coro in (self._read(requests), self._ack_loop(), self._heartbeat()):
+        for coro in (self._read(requests), self._heartbeat()):
             self._spawn(coro)
 
     def cancel(self) -> list[asyncio.Task[Any]]:
@@ -727,6 +729,8 @@ class _Session:
                 )
                 return
             self.acks.put_nowait((request.ack.offset, seq, parent))
+            if self.acking is None:  # an idle stream keeps no ack task
+                self.acking = self._spawn(self._ack_loop())
         elif which == "mark":
             self._spawn(self._mark(seq, request.mark, parent))
         elif which == "command":
@@ -817,10 +821,17 @@ class _Session:
         await self._put(messaging_pb2.ConnectResponse(seq=seq, command_result=result))
 
     async def _ack_loop(self) -> None:
-        """Acks in order; those that queue up while one is written are written as one (the highest)."""
+        """Acks in order; those that queue up while one is written are written as one (the highest).
+        Runs while there are acks: it ends when none is left (`_frame` starts it again)."""
+        try:
+            await self._write_acks()
+        finally:
+            self.acking = None
+
+    async def _write_acks(self) -> None:
         stream, core = self.stream, self.core
-        while True:
-            pending = [await self.acks.get()]
+        while not self.acks.empty():  # nothing awaited between this check and the loop's end
+            pending = [self.acks.get_nowait()]
             while not self.acks.empty():
                 pending.append(self.acks.get_nowait())
             accepted: list[int] = []
