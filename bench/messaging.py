@@ -1,7 +1,7 @@
 """Messaging throughput and latency on the Connect stream, next to the bare gRPC echo ceiling.
 
     python -m bench.messaging [--backend embedded|scale|both] [--users 50 --inflight 8 --size 100
-                              --warmup 3 --duration 20 --processes 2]
+                              --warmup 3 --duration 20 --processes 2] [--pace F ... | --rate R ...]
 
 The reference workload (the defaults): 50 users in pairs, each with two connected devices d1 and d2,
 every stream on its own connection. Each user sends to its partner from d1, keeping 8 messages of 100
@@ -12,8 +12,8 @@ alone in its own process (`bimip run messaging`). After a warm-up, one window is
 
 Runs, in order: the echo ceiling (bench/echo.py, same layout); then per backend the closed-loop peak,
 and a run paced at half the measured peak for latency (`--pace` for other fractions; each paced run
-uses its own fresh users on the same server). Prints a table and writes
-bench/results/messaging.json.
+uses its own fresh users on the same server); `--rate` runs paced at fixed rates instead, for
+what a message costs at low load. Prints a table and writes bench/results/messaging.json.
 """
 
 from __future__ import annotations
@@ -409,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FRACTION",
         help="after the peak, a run paced at this fraction of it (repeatable; default 0.5)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        action="append",
+        metavar="MSGS_PER_S",
+        help="instead of the peak and its fractions: runs paced at these rates (messages/s in all)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -429,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     done("echo", run_echo(workload))
     for backend in ("embedded", "scale") if args.backend == "both" else (args.backend,):
         with running(backend, [["messaging"]]) as server:
+            if args.rate:
+                for i, rate in enumerate(args.rate):
+                    done(
+                        f"messaging {backend} paced {rate:g}/s",
+                        run_messaging(server, workload, f"r{i}x", rate),
+                    )
+                continue
             peak = run_messaging(server, workload, "u", None)
             done(f"messaging {backend} peak", peak)
             for i, fraction in enumerate(args.pace or [0.5]):
