@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 
@@ -193,15 +192,21 @@ async def _call_unary(suite: Suite, metadata: tuple[tuple[str, str], ...] | None
         await stub.GetCommitOffset(messaging_pb2.GetCommitOffsetRequest(), metadata=metadata, timeout=30)
 
 
-async def _call_stream(suite: Suite, metadata: tuple[tuple[str, str], ...] | None) -> None:
+async def _call_stream(
+    suite: Suite, metadata: tuple[tuple[str, str], ...] | None, *, accepted: bool = False
+) -> None:
+    """Open an awareness stream. A call the server refuses ends before any frame is read, so
+    nothing is written to it: a write that loses the race to the refusal fails on the client's
+    side, and grpc.aio then reports the call as INTERNAL in place of the status the server sent.
+    An `accepted` call is sent its open frame and must answer `opened`."""
     async with suite.channel("awareness") as channel:
         stub = awareness_pb2_grpc.AwarenessServiceStub(channel)
         call = stub.Connect(metadata=metadata, timeout=30)
-        # The server may refuse the call before this write goes out; the write then fails on the
-        # client's side (INTERNAL) and the read below raises the status the server sent.
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        if accepted:
             await call.write(awareness_pb2.ConnectRequest(open=awareness_pb2.OpenRequest()))
-        await call.read()
+        first = await call.read()
+        assert first.WhichOneof("frame") == "opened", first
+        call.cancel()
 
 
 @pytest.fixture
@@ -229,7 +234,7 @@ async def test_missing_and_bad_tokens_are_unauthenticated(suite: Suite) -> None:
 async def test_valid_token_reaches_the_service(suite: Suite) -> None:
     token = suite.token("alice@example.com", "phone")
     await _call_unary(suite, (("authorization", f"Bearer {token}"),))
-    await _call_stream(suite, (("authorization", f"Bearer {token}"),))
+    await _call_stream(suite, (("authorization", f"Bearer {token}"),), accepted=True)
     async with suite.channel("sync") as channel:
         answer = await sync_pb2_grpc.SyncServiceStub(channel).GetDelta(
             sync_pb2.GetDeltaRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=30
