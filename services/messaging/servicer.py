@@ -22,7 +22,6 @@ from opentelemetry.trace import Link, SpanKind
 from sqlalchemy import select
 
 from bimip.common.v1 import common_pb2
-from bimip.core.aio import Mailbox
 from bimip.core.auth import Principal, current_principal
 from bimip.core.clock import timestamp
 from bimip.core.errors import BimipError, invalid
@@ -660,7 +659,7 @@ class _Session:
         self.stream = stream
         self.principal = principal
         self.sender = common_pb2.Identity(eid=principal.eid, device_id=principal.device_id)
-        self.acks: Mailbox[tuple[int, int, Context | None]] = Mailbox()
+        self.acks: list[tuple[int, int, Context | None]] = []  # offset, seq, parent; for the ack loop
         stream_span = trace.get_current_span().get_span_context()
         self.links = [Link(stream_span)] if stream_span.is_valid else []
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -728,7 +727,7 @@ class _Session:
                     seq, invalid("INVALID_OFFSET", "an ack offset must not be negative", field="offset")
                 )
                 return
-            self.acks.put_nowait((request.ack.offset, seq, parent))
+            self.acks.append((request.ack.offset, seq, parent))
             if self.acking is None:  # an idle stream keeps no ack task
                 self.acking = self._spawn(self._ack_loop())
         elif which == "mark":
@@ -830,10 +829,8 @@ class _Session:
 
     async def _write_acks(self) -> None:
         stream, core = self.stream, self.core
-        while not self.acks.empty():  # nothing awaited between this check and the loop's end
-            pending = [self.acks.get_nowait()]
-            while not self.acks.empty():
-                pending.append(self.acks.get_nowait())
+        while self.acks:  # nothing awaited between this check and the loop's end
+            pending, self.acks = self.acks, []
             accepted: list[int] = []
             highest, parent = stream.cursor, None
             for offset, seq, frame_parent in pending:
