@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -332,7 +332,19 @@ async def subscribe_all(suite: Suite, eids: Sequence[str], parallel: int = 32) -
         await asyncio.gather(*(channel.close() for channel in channels))
 
 
-def run_fan_out(suite: Suite, settings: Settings, eids: Sequence[str], window: int) -> dict[str, Any]:
+class FanOutSuite(Protocol):
+    """The awareness replicas a fan-out run drives: the service's (`bench.services.Suite`) or the
+    bare ceiling's (`bench.fanout.BareFanout`)."""
+
+    @property
+    def pids(self) -> list[int]: ...
+
+    def addresses(self, service: str) -> list[str]: ...
+
+    def token(self, eid: str, device_id: str) -> str: ...
+
+
+def run_fan_out(suite: FanOutSuite, settings: Settings, eids: Sequence[str], window: int) -> dict[str, Any]:
     replicas = suite.addresses("awareness")
     shared = Shared.create(settings.processes)
     devices = [(replicas[i % len(replicas)], eid, suite.token(eid, "phone")) for i, eid in enumerate(eids)]
@@ -382,6 +394,53 @@ def run_fan_out(suite: Suite, settings: Settings, eids: Sequence[str], window: i
     }
 
 
+def replicas_of(backend: str) -> int:
+    return sum(1 for process in LAYOUTS[backend] if "awareness" in process)
+
+
+def run_backend(
+    backend: str,
+    settings: Settings,
+    eids: Sequence[str],
+    runs: Sequence[tuple[str, int]],
+    say: Any = print,
+    ceilings: dict[int, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The bare fan-out ceiling with this backend's number of replicas (`bench.fanout`; once per
+    replica count when `ceilings` is shared between calls), then the awareness service's `runs`
+    ((name, window) pairs) on `backend`. The latency run also gets its p99 to all as a multiple of
+    the ceiling's."""
+    from bench.fanout import run_bare_fan_out
+
+    results: dict[str, dict[str, Any]] = {}
+    replicas = replicas_of(backend)
+    ceilings = {} if ceilings is None else ceilings
+    bare_name = f"awareness bare {replicas}× fan-out latency"
+    if replicas not in ceilings:
+        ceilings[replicas] = run_bare_fan_out(settings, replicas)
+        results[bare_name] = ceilings[replicas]
+        say(f"{bare_name}: {_shown(ceilings[replicas])}")
+    bare = ceilings[replicas]
+    with running(backend, LAYOUTS[backend]) as suite:
+        started = time.monotonic()
+        asyncio.run(subscribe_all(suite, eids))
+        say(f"awareness {backend}: {len(eids):,} subscriptions in {time.monotonic() - started:.1f} s")
+        for name, window in runs:
+            metrics = run_fan_out(suite, settings, eids, window)
+            if window == 1 and bare["to_all_p99_ms"]:
+                metrics["to_all_p99_vs_bare"] = round(metrics["to_all_p99_ms"] / bare["to_all_p99_ms"], 3)
+                metrics["to_all_p50_vs_bare"] = round(metrics["to_all_p50_ms"] / bare["to_all_p50_ms"], 3)
+            results[f"awareness {backend} {name}"] = metrics
+            say(f"awareness {backend} {name}: {_shown(metrics)}")
+            if metrics["frames"]:
+                say(f"  frames: {json.dumps(metrics['frames'])}")
+    return results
+
+
+def _shown(metrics: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in metrics.items() if k != "frames"})
+
+
 def table(scenarios: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| scenario | replicas | changes/s | presence events/s | to all p50 / p99 ms "
@@ -411,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=8, help="changes outstanding in the peak run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--latency-only", action="store_true", help="leave the peak run out")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -420,18 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info([Path(sys.executable).name, "-m", "bench.awareness", *sys.argv[1:]])
     scenarios: dict[str, dict[str, Any]] = {}
     eids = subscriber_eids(settings.subscribers)
+    ceilings: dict[int, dict[str, Any]] = {}
     for backend in ("scale", "embedded") if args.backend == "both" else (args.backend,):
-        with running(backend, LAYOUTS[backend]) as suite:
-            started = time.monotonic()
-            asyncio.run(subscribe_all(suite, eids))
-            print(f"{backend}: {len(eids)} subscriptions in {time.monotonic() - started:.1f} s", flush=True)
-            for name, window in (("latency", 1), ("peak", settings.window)):
-                metrics = run_fan_out(suite, settings, eids, window)
-                scenarios[f"awareness {backend} {name}"] = metrics
-                shown = {k: v for k, v in metrics.items() if k != "frames"}
-                print(f"awareness {backend} {name}: {json.dumps(shown)}", flush=True)
-                if metrics["frames"]:
-                    print(f"  frames: {json.dumps(metrics['frames'])}", flush=True)
+        runs = (("latency", 1),) if args.latency_only else (("latency", 1), ("peak", settings.window))
+        scenarios |= run_backend(backend, settings, eids, runs, ceilings=ceilings)
     print()
     print(table(scenarios))
     args.output.parent.mkdir(parents=True, exist_ok=True)

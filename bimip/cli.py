@@ -59,7 +59,7 @@ of an awareness replica's CPU in a fan-out (BENCHMARKS.md). Reference counting f
 it; the collector is left for true cycles."""
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Move what startup built (modules, settings, the servers) out of the collector's sight and
     collect less often; see GC_THRESHOLD."""
     gc.collect()
@@ -86,7 +86,7 @@ async def _run(names: Sequence[str]) -> int:
         for name in names:
             settings = load_settings(classes[name])
             running.append(await start_service(name, factories[name], shared, settings))  # type: ignore[arg-type]
-        _tune_gc()
+        tune_gc()
         for service in running:
             print(f"{service.name:<10} listening on {core.host}:{service.port}", flush=True)
         print(f"{'metrics':<10} on http://{core.host}:{shared.metrics_port}/metrics", flush=True)

@@ -17,7 +17,8 @@ RESULTS = {
         "delivered_p99_ms": 11.0,
     },
     "idle embedded": {"streams_open": 10_000, "kb_per_stream": 42.0},
-    "awareness embedded latency": {"to_all_p99_ms": 45.0},
+    "awareness bare 1× fan-out latency": {"replicas": 1, "to_all_p99_ms": 40.0},
+    "awareness embedded latency": {"replicas": 1, "to_all_p99_ms": 45.0, "to_all_p99_vs_bare": 1.125},
     "sync embedded 10,000 behind on 10,000": {
         "behind": 10_000,
         "log_entries": 10_000,
@@ -53,6 +54,11 @@ def test_each_target_is_judged_from_the_figures() -> None:
     assert judged["idle embedded: device streams held by one messaging process"] == (10_000, True)
     assert judged["idle embedded: memory per idle stream"] == (42.0, False)
     assert judged["awareness embedded: a change reaches all subscribers, p99"] == (45.0, True)
+    assert judged["awareness bare 1× fan-out (embedded's layout): a change reaches all subscribers, p99"] == (
+        40.0,
+        None,
+    )
+    assert judged["awareness embedded: p99 to all ÷ the bare fan-out's"] == (1.125, None)
     assert judged["sync embedded: entries/s during catch-up (slowest case)"] == (40_000.0, False)
     assert judged["sync embedded: 10,000 behind on 1,000,000 ÷ on the smallest log"] == (1.3, False)
     table = target_table(targets(RESULTS, ("embedded",)))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bimip.cli import GC_THRESHOLD, _tune_gc
+from bimip.cli import GC_THRESHOLD, tune_gc
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def restored_gc() -> Iterator[None]:
 
 @pytest.mark.usefixtures("restored_gc")
 def test_serving_collects_less_often_and_leaves_startup_objects_alone() -> None:
-    _tune_gc()
+    tune_gc()
     assert gc.get_threshold() == GC_THRESHOLD
     assert GC_THRESHOLD[0] > 700 * 10  # far fewer first-generation collections than the default
     assert gc.get_freeze_count() > 0  # what startup built is no longer traversed
