@@ -220,6 +220,26 @@ def targets(results: Results, backends: tuple[str, ...]) -> list[Target]:
                     ratio >= 0.35,
                 )
             )
+            if peak.get("frames_per_message"):
+                # The ratio above is (frames/s ÷ the echo's 2 frames per round trip) × (2 ÷ frames
+                # per message): how near gRPC's own rate the service moves frames, and how many
+                # frames the protocol needs per message.
+                out.append(
+                    Target(
+                        f"messaging {backend}: frames on the wire per delivered message (the echo: 2)",
+                        peak["frames_per_message"],
+                        "(reported)",
+                        None,
+                    )
+                )
+                out.append(
+                    Target(
+                        f"messaging {backend}: frames/s ÷ echo frames/s (2 per round trip)",
+                        peak["frames_per_s"] / (2 * echo["round_trips_per_s"]),
+                        "(reported)",
+                        None,
+                    )
+                )
             if peak["delivered_per_s"]:
                 cpu = peak["server_cpu_cores"] / peak["delivered_per_s"] * 1e6
                 out.append(

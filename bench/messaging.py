@@ -78,6 +78,7 @@ class ClientResult:
     sent_latencies: list[float] = field(default_factory=list)  # send -> SENT, sends inside the window
     delivered_latencies: list[float] = field(default_factory=list)  # send -> both devices
     incomplete: int = 0  # sent inside the window, not delivered to both within DRAIN_S after it
+    frames_in_window: int = 0  # frames on the wire inside the window, both ways, every stream
     counts: Counter[str] = field(default_factory=Counter)  # frames worth reporting, whole run
 
 
@@ -174,11 +175,16 @@ class Device:
     async def write(self, request: messaging_pb2.ConnectRequest) -> None:
         async with self._lock:
             await self.call.write(request)
+        if self.run.timeline.measuring(time.monotonic()):
+            self.run.result.frames_in_window += 1
 
     async def _read(self) -> None:
         try:
             while (frame := await self.call.read()) is not grpc.aio.EOF:
-                self._frame(frame, time.monotonic())
+                now = time.monotonic()
+                if self.run.timeline.measuring(now):
+                    self.run.result.frames_in_window += 1
+                self._frame(frame, now)
             if not self.closing:
                 self.counts["stream ended by the server"] += 1
         except grpc.aio.AioRpcError as err:
@@ -357,8 +363,14 @@ def run_messaging(server: Suite, workload: Workload, label: str, rate: float | N
     metrics: dict[str, Any] = {}
     if rate is not None:
         metrics["target_per_s"] = round(rate, 1)
+    delivered = sum(r.delivered for r in results)
+    frames = sum(r.frames_in_window for r in results)
     metrics |= {
-        "delivered_per_s": round(sum(r.delivered for r in results) / workload.duration, 1),
+        "delivered_per_s": round(delivered / workload.duration, 1),
+        # Every frame on every stream, both ways (sends, SENTs, deliveries, receipts, acks and their
+        # cursor answers, heartbeats): what the protocol asks of gRPC per delivered message.
+        "frames_per_s": round(frames / workload.duration, 1),
+        "frames_per_message": round(frames / delivered, 2) if delivered else 0.0,
         "sent_per_s": round(sum(r.sent_in_window for r in results) / workload.duration, 1),
         **latency_ms([x for r in results for x in r.sent_latencies], "sent"),
         **latency_ms([x for r in results for x in r.delivered_latencies], "delivered"),

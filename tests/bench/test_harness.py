@@ -10,7 +10,13 @@ from bench.__main__ import plots, target_table, targets
 RESULTS = {
     "echo peak": {"round_trips_per_s": 7000.0, "round_trip_p99_ms": 40.0},
     "echo paced 50%": {"target_per_s": 3500.0, "round_trips_per_s": 3500.0, "round_trip_p99_ms": 10.0},
-    "messaging embedded peak": {"delivered_per_s": 700.0, "delivered_p99_ms": 900.0, "server_cpu_cores": 0.7},
+    "messaging embedded peak": {
+        "delivered_per_s": 700.0,
+        "delivered_p99_ms": 900.0,
+        "server_cpu_cores": 0.7,
+        "frames_per_s": 4200.0,
+        "frames_per_message": 6.0,
+    },
     "messaging embedded paced 50%": {
         "target_per_s": 350.0,
         "delivered_per_s": 350.0,
@@ -47,6 +53,8 @@ def test_each_target_is_judged_from_the_figures() -> None:
     judged = {t.what: (round(t.measured or 0, 3), t.met) for t in targets(RESULTS, ("embedded",))}
     assert judged["messaging embedded: delivered msgs/s ÷ echo round trips/s"] == (0.1, False)
     assert judged["messaging embedded: server CPU per delivered message"] == (1000.0, None)
+    assert judged["messaging embedded: frames on the wire per delivered message (the echo: 2)"] == (6.0, None)
+    assert judged["messaging embedded: frames/s ÷ echo frames/s (2 per round trip)"] == (0.3, None)
     assert judged["messaging embedded: p99 send→delivered at half peak ÷ echo p99 at half peak"] == (
         1.1,
         True,

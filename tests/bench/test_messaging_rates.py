@@ -34,3 +34,6 @@ def test_fixed_rates_are_run_in_place_of_the_peak(tmp_path: Path) -> None:
         assert abs(run["delivered_per_s"] - rate) <= rate * 0.25  # 2 s windows: a few messages either way
         assert run["incomplete"] == 0
         assert run["delivered_samples"] > 0
+        # At least a send, its SENT, two deliveries and the mirror copy per message, and the acks.
+        assert 5 < run["frames_per_message"] < 40
+        assert run["frames_per_s"] > 5 * run["delivered_per_s"]
