@@ -48,6 +48,7 @@ from bench.echo import run_echo, workload_arguments, workload_of
 from bench.services import DOMAIN, Suite, running
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
+from bimip.sdk.client import MAX_BATCH as SDK_MAX_BATCH
 
 RESULTS = Path(__file__).parent / "results" / "messaging.json"
 
@@ -69,6 +70,7 @@ class ClientArgs:
     workload: Workload
     users: tuple[UserSpec, ...]
     rate_per_sender: float | None  # None: closed loop, as fast as the in-flight window allows
+    max_batch: int = 1  # OpenRequest.max_batch: entries the devices take in one frame
 
 
 @dataclass
@@ -156,11 +158,15 @@ class Device:
         self.tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def connect(cls, address: str, token: str, eid: str, device_id: str, run: Run) -> Device:
+    async def connect(
+        cls, address: str, token: str, eid: str, device_id: str, run: Run, max_batch: int
+    ) -> Device:
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         stub = messaging_pb2_grpc.MessagingServiceStub(channel)
         call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
-        await call.write(messaging_pb2.ConnectRequest(seq=0, open=messaging_pb2.OpenRequest()))
+        await call.write(
+            messaging_pb2.ConnectRequest(seq=0, open=messaging_pb2.OpenRequest(max_batch=max_batch))
+        )
         first: Any = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
             raise RuntimeError(f"{eid}/{device_id}: expected `opened`, got {first!r}")
@@ -195,6 +201,9 @@ class Device:
         kind = frame.WhichOneof("frame")
         if kind == "delivery":
             self._delivery(frame.delivery, now)
+        elif kind == "deliveries":
+            for delivery in frame.deliveries.deliveries:
+                self._delivery(delivery, now)
         elif kind == "sent":
             self.sends.pop(frame.seq, None)
             if frame.sent.duplicate:
@@ -308,7 +317,9 @@ async def messaging_client(args: ClientArgs, ready: Ready) -> ClientResult:
     """One client process: connect every device of its users, wait for the start, run, drain."""
     run = Run(Timeline(0, 0, 0))
     connects = [
-        Device.connect(args.addresses[user.index % len(args.addresses)], token, user.eid, device_id, run)
+        Device.connect(
+            args.addresses[user.index % len(args.addresses)], token, user.eid, device_id, run, args.max_batch
+        )
         for user in args.users
         for device_id, token in zip(("d1", "d2"), user.tokens, strict=True)
     ]
@@ -331,9 +342,12 @@ async def messaging_client(args: ClientArgs, ready: Ready) -> ClientResult:
 # --- the runs -----------------------------------------------------------------------------------
 
 
-def run_messaging(server: Suite, workload: Workload, label: str, rate: float | None) -> dict[str, Any]:
+def run_messaging(
+    server: Suite, workload: Workload, label: str, rate: float | None, max_batch: int = SDK_MAX_BATCH
+) -> dict[str, Any]:
     """One run with fresh users (eids `<label><n>@bench.example`): closed loop, or paced at `rate`
-    messages per second in total."""
+    messages per second in total; the devices take up to `max_batch` entries per frame (the SDK's
+    default; 1: a frame per entry)."""
     eids = [f"{label}{i}@{DOMAIN}" for i in range(workload.users)]
     users = [
         UserSpec(i, eids[i], eids[i ^ 1], (server.token(eids[i], "d1"), server.token(eids[i], "d2")))
@@ -346,6 +360,7 @@ def run_messaging(server: Suite, workload: Workload, label: str, rate: float | N
             workload,
             tuple(user for pair in workload.pairs_of(p) for user in users[2 * pair : 2 * pair + 2]),
             per_sender,
+            max_batch,
         )
         for p in range(workload.processes)
     ]
@@ -428,8 +443,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MSGS_PER_S",
         help="instead of the peak and its fractions: runs paced at these rates (messages/s in all)",
     )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=SDK_MAX_BATCH,
+        help=f"entries a device takes in one frame (OpenRequest.max_batch; default {SDK_MAX_BATCH}, as the "
+        "SDK; 1: one frame per entry)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the results (JSON)")
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
     try:
         workload = workload_of(args)
     except ValueError as exc:
@@ -452,14 +476,16 @@ def main(argv: list[str] | None = None) -> int:
                 for i, rate in enumerate(args.rate):
                     done(
                         f"messaging {backend} paced {rate:g}/s",
-                        run_messaging(server, workload, f"r{i}x", rate),
+                        run_messaging(server, workload, f"r{i}x", rate, args.max_batch),
                     )
                 continue
-            peak = run_messaging(server, workload, "u", None)
+            peak = run_messaging(server, workload, "u", None, args.max_batch)
             done(f"messaging {backend} peak", peak)
             for i, fraction in enumerate(args.pace or [0.5]):
                 if peak["delivered_per_s"] > 0:
-                    paced = run_messaging(server, workload, f"p{i}x", peak["delivered_per_s"] * fraction)
+                    paced = run_messaging(
+                        server, workload, f"p{i}x", peak["delivered_per_s"] * fraction, args.max_batch
+                    )
                     done(f"messaging {backend} paced {fraction:.0%}", paced)
     echo_rate = scenarios["echo"]["round_trips_per_s"]
     for metrics in scenarios.values():
@@ -468,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(scenarios))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine, "workload": workload.as_dict(), "scenarios": scenarios}
+    report = {
+        "machine": machine,
+        "workload": workload.as_dict() | {"max_batch": args.max_batch},
+        "scenarios": scenarios,
+    }
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.output}")
     return 0

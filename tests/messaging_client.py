@@ -42,11 +42,26 @@ class Device(RecordedCall):
     # --- what arrived ------------------------------------------------------------------------
 
     def answer(self, seq: int) -> messaging_pb2.ConnectResponse | None:
-        return next((f for f in self.frames if f.seq == seq and f.WhichOneof("frame") != "delivery"), None)
+        return next(
+            (
+                f
+                for f in self.frames
+                if f.seq == seq and f.WhichOneof("frame") not in ("delivery", "deliveries")
+            ),
+            None,
+        )
 
     @property
     def deliveries(self) -> list[messaging_pb2.Delivery]:
-        return self.of("delivery")
+        """Every delivery, in arrival order, whether it came alone or in a `deliveries` frame."""
+        out: list[messaging_pb2.Delivery] = []
+        for frame in self.frames:
+            kind = frame.WhichOneof("frame")
+            if kind == "delivery":
+                out.append(frame.delivery)
+            elif kind == "deliveries":
+                out.extend(frame.deliveries.deliveries)
+        return out
 
     def entries(self, *, replay: bool = False) -> list[common_pb2.Entry]:
         return [d.entry for d in self.deliveries if d.replay == replay]
@@ -103,13 +118,17 @@ class Device(RecordedCall):
 
 
 async def connect(
-    channel: grpc.aio.Channel, token: str, eid: str, device_id: str, processed_offset: int = 0
+    channel: grpc.aio.Channel,
+    token: str,
+    eid: str,
+    device_id: str,
+    processed_offset: int = 0,
+    max_batch: int = 0,
 ) -> Device:
     stub = messaging_pb2_grpc.MessagingServiceStub(channel)
     call = stub.Connect(metadata=(("authorization", f"Bearer {token}"),))
-    await call.write(
-        messaging_pb2.ConnectRequest(seq=0, open=messaging_pb2.OpenRequest(processed_offset=processed_offset))
-    )
+    opening = messaging_pb2.OpenRequest(processed_offset=processed_offset, max_batch=max_batch)
+    await call.write(messaging_pb2.ConnectRequest(seq=0, open=opening))
     first = await call.read()
     assert first.WhichOneof("frame") == "opened", first
     return Device(eid, device_id, call, first.opened)
@@ -117,16 +136,18 @@ async def connect(
 
 @contextlib.asynccontextmanager
 async def devices(
-    suite: Any, *names: str, channel: grpc.aio.Channel | None = None
+    suite: Any, *names: str, channel: grpc.aio.Channel | None = None, max_batch: int = 0
 ) -> AsyncIterator[list[Device]]:
-    """Open a stream for each "eid/device" name; close them all at the end."""
+    """Open a stream for each "eid/device" name (taking up to `max_batch` entries per frame);
+    close them all at the end."""
     own = channel is None
     channel = channel or suite.channel("messaging")
     opened: list[Device] = []
     try:
         for name in names:
             eid, device_id = name.split("/")
-            opened.append(await connect(channel, suite.token(eid, device_id), eid, device_id))
+            token = suite.token(eid, device_id)
+            opened.append(await connect(channel, token, eid, device_id, max_batch=max_batch))
         yield opened
     finally:
         for device in opened:

@@ -17,8 +17,9 @@ T = TypeVar("T")
 
 class Mailbox(Generic[T]):
     """A FIFO queue with one consumer: `asyncio.Queue`'s `put`, `put_nowait`, `get`, `get_nowait`,
-    `empty`, `full` and `qsize`, bounded by `maxsize` (0: unbounded). Any number of producers
-    may wait in `put`; one task at a time may wait in `get` (a second raises RuntimeError)."""
+    `empty`, `full` and `qsize`, and `peek_nowait`, bounded by `maxsize` (0: unbounded). Any
+    number of producers may wait in `put`; one task at a time may wait in `get` (a second raises
+    RuntimeError)."""
 
     __slots__ = ("_getter", "_items", "_maxsize", "_putters")
 
@@ -63,6 +64,12 @@ class Mailbox(Generic[T]):
                     self._wake_putter()  # woken, then cancelled: hand the turn on
                 raise
         self.put_nowait(item)
+
+    def peek_nowait(self) -> T:
+        """The oldest item, left in place; raises asyncio.QueueEmpty when there is none."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items[0]
 
     def get_nowait(self) -> T:
         """Remove and return the oldest item; raises asyncio.QueueEmpty when there is none."""

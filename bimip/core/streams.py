@@ -1,10 +1,11 @@
 """What every service's streams share: the first frame is `open` and comes soon; work that must
-run to its end even when a handler is cancelled."""
+run to its end even when a handler is cancelled; response streams that may yield frames already
+serialized."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -58,3 +59,63 @@ class RunToEnd:
 
     async def drain(self) -> None:
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def serialize_or_pass(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """`serializer`, except that bytes (a frame the handler serialized itself) go out as they are."""
+
+    def serialize(message: Any) -> bytes:
+        return message if message.__class__ is bytes else serializer(message)
+
+    return serialize
+
+
+def _accepting_bytes(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    if not handler.response_streaming or handler.response_serializer is None:
+        raise ValueError("only a response-streaming handler with a serializer can take serialized frames")
+    factory: Any = (
+        grpc.stream_stream_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_stream_rpc_method_handler
+    )
+    behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+    wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
+        behavior, handler.request_deserializer, serialize_or_pass(handler.response_serializer)
+    )
+    return wrapped
+
+
+class _Registrar:
+    """Stands in for the server while generated code registers a service; passes every handler on,
+    the named streaming ones made to accept serialized frames too."""
+
+    def __init__(self, server: grpc.aio.Server, methods: Collection[str]) -> None:
+        self._server = server
+        self._methods = methods
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """The generated code's generic handler holds the unchanged handlers: the one registered in
+        `add_registered_method_handlers` below replaces it."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        unknown = set(self._methods) - set(handlers)
+        if unknown:
+            raise ValueError(f"{service} has no method {', '.join(sorted(unknown))}")
+        patched = {
+            name: _accepting_bytes(handler) if name in self._methods else handler
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, patched),))
+        self._server.add_registered_method_handlers(service, patched)
+
+
+def add_accepting_serialized(
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    methods: Collection[str],
+) -> None:
+    """`add_to_server(servicer, server)` (a generated `add_…Servicer_to_server`), where the response
+    streams of `methods` may also yield `bytes`: a frame already serialized (for instance several
+    entries packed by hand into one frame), written as it is."""
+    add_to_server(servicer, _Registrar(server, methods))

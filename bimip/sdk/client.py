@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 MESSAGING, AWARENESS, SYNC = "127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"
 _CLOSED = object()
 STATS_OFFSETS = 1024
+MAX_BATCH = 64
+"""OpenRequest.max_batch: the most log entries the client takes in one frame (the server may bound
+it lower; OpenResponse.max_batch says what it granted)."""
 _T = TypeVar("_T")
 
 
@@ -97,10 +100,12 @@ class SyncResult:
 @dataclass
 class Stats:
     """What the SDK saw on the wire, for diagnostics: log entries delivered to it (redeliveries
-    included) and those it dropped because the application already had them."""
+    included), those it dropped because the application already had them, and the frames that
+    carried several entries at once (`deliveries` frames, see MAX_BATCH)."""
 
     deliveries: int = 0
     dropped: int = 0
+    batches: int = 0
     by_offset: dict[int, int] = field(default_factory=dict)  # deliveries per offset, the latest 1,024
 
     def delivered(self, offset: int) -> None:
@@ -639,7 +644,8 @@ class Client:
         try:
             await call.write(
                 messaging_pb2.ConnectRequest(
-                    seq=0, open=messaging_pb2.OpenRequest(processed_offset=self._processed)
+                    seq=0,
+                    open=messaging_pb2.OpenRequest(processed_offset=self._processed, max_batch=MAX_BATCH),
                 )
             )
             try:
@@ -803,6 +809,12 @@ class Client:
             if not frame.delivery.replay:
                 self._received(frame.delivery, frame.trace_context)
                 self._deliver(frame.delivery.entry)
+        elif kind == "deliveries":
+            self.stats.batches += 1
+            for delivery in frame.deliveries.deliveries:  # in offset order, each as if alone
+                if not delivery.replay:
+                    self._received(delivery, delivery.trace_context)
+                    self._deliver(delivery.entry)
         elif kind == "sent":
             self._send_seqs.pop(frame.seq, None)
             sent = frame.sent

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import grpc
 
 from bimip.core.server import Runtime
+from bimip.core.streams import add_accepting_serialized
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 from services.messaging.config import MessagingSettings
 from services.messaging.servicer import Messaging, MessagingInternalServicer, MessagingServicer
@@ -19,7 +20,13 @@ class MessagingApp:
         self.core = Messaging(runtime, runtime.settings)
 
     def register(self, server: grpc.aio.Server) -> Sequence[str]:
-        messaging_pb2_grpc.add_MessagingServiceServicer_to_server(MessagingServicer(self.core), server)
+        # Connect may yield a `deliveries` frame packed by the delivery code (take_batch).
+        add_accepting_serialized(
+            messaging_pb2_grpc.add_MessagingServiceServicer_to_server,
+            MessagingServicer(self.core),
+            server,
+            ["Connect"],
+        )
         internal_pb2_grpc.add_MessagingInternalServiceServicer_to_server(
             MessagingInternalServicer(self.core), server
         )

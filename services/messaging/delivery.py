@@ -128,6 +128,64 @@ def read_log_query(
     return query.order_by(e.c.offset).limit(limit)
 
 
+MAX_BATCH = 64
+"""The most entries one `deliveries` frame carries, whatever a device asks for (OpenRequest.max_batch)."""
+BATCH_BYTES = 1 << 20
+"""A batch also stops before an entry that would take it past this many bytes (an entry alone may
+be larger; it then goes in a frame of its own)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited_tag(number: int) -> bytes:
+    return _varint(number << 3 | 2)
+
+
+_DELIVERIES_TAG = _length_delimited_tag(messaging_pb2.ConnectResponse.DELIVERIES_FIELD_NUMBER)
+_ITEM_TAG = _length_delimited_tag(messaging_pb2.DeliveryBatch.DELIVERIES_FIELD_NUMBER)
+
+
+def _is_delivery(item: Any) -> bool:
+    return isinstance(item, messaging_pb2.ConnectResponse) and item.WhichOneof("frame") == "delivery"
+
+
+def take_batch(
+    first: messaging_pb2.ConnectResponse, out: Mailbox[Any], limit: int
+) -> messaging_pb2.ConnectResponse | bytes:
+    """`first`, a delivery frame, with the delivery frames queued right behind it in `out` (taken
+    from it), up to `limit` entries and BATCH_BYTES: one `deliveries` frame, serialized here, each
+    entry's trace context moved into its Delivery. `first` as it is when no delivery is queued
+    behind it. Frames of other kinds end a batch, so every frame keeps its place."""
+    if limit < 2 or out.empty() or not _is_delivery(out.peek_nowait()):
+        return first
+    parts: list[bytes] = []
+    size = 0
+    item = first
+    while True:
+        delivery = item.delivery
+        if item.trace_context:
+            delivery.trace_context.update(item.trace_context)
+        body = delivery.SerializeToString()
+        part = _ITEM_TAG + _varint(len(body)) + body
+        parts.append(part)
+        size += len(part)
+        if len(parts) >= limit or out.empty():
+            break
+        following = out.peek_nowait()
+        if not _is_delivery(following) or size + following.delivery.ByteSize() + 8 > BATCH_BYTES:
+            break
+        item = out.get_nowait()
+    packed = b"".join(parts)
+    return _DELIVERIES_TAG + _varint(len(packed)) + packed
+
+
 @dataclass(frozen=True)
 class Closed:
     """The stream ends: normally (error None: the client half-closed) or with an error."""

@@ -33,7 +33,7 @@ from bimip.core.streams import RunToEnd, open_frame
 from bimip.messaging.v1 import internal_pb2, internal_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 from services.messaging import store
 from services.messaging.config import MessagingSettings
-from services.messaging.delivery import Closed, DeviceStream, Hub, Row
+from services.messaging.delivery import MAX_BATCH, Closed, DeviceStream, Hub, Row, take_batch
 from services.messaging.ops import (
     PLAYED,
     READ,
@@ -510,11 +510,11 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
     def __init__(self, core: Messaging) -> None:
         self.core = core
 
-    async def Connect(
+    async def Connect(  # type: ignore[override]  # also yields packed frames (bytes): see app.py
         self,
         request_iterator: AsyncIterator[messaging_pb2.ConnectRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[messaging_pb2.ConnectResponse]:
+    ) -> AsyncIterator[messaging_pb2.ConnectResponse | bytes]:
         core = self.core
         principal = current_principal()
         try:
@@ -528,6 +528,8 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             await invalid(
                 "INVALID_OFFSET", "processed_offset must not be negative", field="processed_offset"
             ).abort(context)
+        if first.open.max_batch < 0:
+            await invalid("INVALID_BATCH", "max_batch must not be negative", field="max_batch").abort(context)
         try:
             state = await core.device_seen(principal.eid, principal.device_id, force=True)
         except BimipError as err:
@@ -556,6 +558,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             processed = AckOp(stream.eid, stream.device_id, first.open.processed_offset)
             stream.cursor_moved(await core.writer.submit(processed))
             core.count_ack("stream", processed.moved, stream.cursor, state.head)
+        batch = max(1, min(first.open.max_batch, MAX_BATCH, settings.window))
         session = _Session(core, stream, principal)
         core.sessions.add(session)
         core.connect_streams.inc()
@@ -574,16 +577,21 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                     heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
                     grace_period_ms=int(settings.grace_period_s * 1000),
                     window=settings.window,
+                    max_batch=batch,
                 ),
             )
             session.start(request_iterator)
+            out = stream.out
             while True:
-                item = await stream.out.get()
+                item = await out.get()
                 if isinstance(item, Closed):
                     if item.error is not None:
                         await item.error.abort(context)
                     return
-                yield item
+                if batch > 1 and not out.empty() and item.WhichOneof("frame") == "delivery":
+                    yield take_batch(item, out, batch)  # deliveries ready together: one frame
+                else:
+                    yield item
         finally:
             core.connect_streams.dec()
             # To its end: a handler cancelled again while it waits still unregisters.

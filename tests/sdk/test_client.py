@@ -109,3 +109,16 @@ async def test_servers_stop_and_start_again_nothing_lost_nothing_twice(
             assert states[0] == "connected" and "reconnecting" in states and states[-1] == "connected"
     finally:
         await stack.aclose()
+
+
+async def test_a_backlog_arrives_in_batches_once_each_and_in_order(backend: Backend, tmp_path: Path) -> None:
+    async with running_suite(backend, tmp_path, ["messaging", "sync"]) as suite:
+        async with apps(suite, tmp_path, f"{A}/a1") as (a1,):
+            for i in range(50):
+                await a1.client.send(B, f"backlog {i}".encode(), client_id=f"b{i}")
+        async with apps(suite, tmp_path, f"{B}/b1") as (b1,):
+            await eventually(lambda: len(b1.received()) == 50, timeout=30)
+            assert b1.received() == [f"b{i}" for i in range(50)]
+            stats = b1.client.stats
+            assert stats.batches > 0  # entries ready together came several to a frame
+            assert stats.deliveries == 50 and stats.dropped == 0

@@ -30,6 +30,16 @@ async def test_mailbox_is_first_in_first_out_and_wakes_its_consumer() -> None:
         box.get_nowait()
 
 
+def test_peek_shows_the_oldest_item_and_leaves_it() -> None:
+    box: Mailbox[str] = Mailbox()
+    with pytest.raises(asyncio.QueueEmpty):
+        box.peek_nowait()
+    box.put_nowait("a")
+    box.put_nowait("b")
+    assert box.peek_nowait() == "a" and box.qsize() == 2
+    assert box.get_nowait() == "a" and box.peek_nowait() == "b"
+
+
 async def test_a_full_mailbox_holds_producers_back_in_order() -> None:
     box: Mailbox[str] = Mailbox(2)
     box.put_nowait("a")

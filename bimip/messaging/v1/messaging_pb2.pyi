@@ -108,19 +108,28 @@ class OpenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PROCESSED_OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     processed_offset: _builtins.int
     """The highest offset the device has processed, if it knows one; the server
     treats it as an ack (it never moves the cursor back). 0 = use the
     server's cursor.
     """
+    max_batch: _builtins.int
+    """The most log entries the device takes in one frame. 0 or 1: every entry
+    comes in a `delivery` frame of its own. Above 1: entries that are ready
+    together may come as one `deliveries` frame (at most this many, and at
+    most OpenResponse.max_batch); a lone entry still comes as `delivery`.
+    Negative is INVALID_ARGUMENT, reason INVALID_BATCH.
+    """
     def __init__(
         self,
         *,
         processed_offset: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processed_offset", b"processed_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "processed_offset", b"processed_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,6 +302,7 @@ class ConnectResponse(_message.Message):
     REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The seq of the client frame this answers; 0 for unsolicited frames
     (deliveries, heartbeats).
@@ -321,6 +331,8 @@ class ConnectResponse(_message.Message):
     def error(self) -> _common_pb2.Error: ...
     @_builtins.property
     def heartbeat(self) -> _common_pb2.Heartbeat: ...
+    @_builtins.property
+    def deliveries(self) -> Global___DeliveryBatch: ...
     def __init__(
         self,
         *,
@@ -335,12 +347,13 @@ class ConnectResponse(_message.Message):
         replay_complete: Global___ReplayComplete | None = ...,
         error: _common_pb2.Error | None = ...,
         heartbeat: _common_pb2.Heartbeat | None = ...,
+        deliveries: Global___DeliveryBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "deliveries", b"deliveries", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "cursor", b"cursor", "deliveries", b"deliveries", "delivery", b"delivery", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "marked", b"marked", "opened", b"opened", "replay_complete", b"replay_complete", "sent", b"sent", "seq", b"seq", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "delivery", "sent", "cursor", "marked", "command_result", "replay_complete", "error", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "delivery", "sent", "cursor", "marked", "command_result", "replay_complete", "error", "heartbeat", "deliveries"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -357,6 +370,7 @@ class OpenResponse(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     GRACE_PERIOD_MS_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """The device's acknowledged position."""
     head: _builtins.int
@@ -367,6 +381,10 @@ class OpenResponse(_message.Message):
     """Grace period before unacknowledged entries are sent again (SPEC M6)."""
     window: _builtins.int
     """Most unacknowledged entries in flight at once."""
+    max_batch: _builtins.int
+    """The most entries this stream carries in one `deliveries` frame: the
+    device's OpenRequest.max_batch, bounded by the server (1: no batches).
+    """
     def __init__(
         self,
         *,
@@ -375,10 +393,11 @@ class OpenResponse(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         grace_period_ms: _builtins.int = ...,
         window: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "grace_period_ms", b"grace_period_ms", "head", b"head", "heartbeat_interval_ms", b"heartbeat_interval_ms", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "grace_period_ms", b"grace_period_ms", "head", b"head", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_batch", b"max_batch", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,29 +409,81 @@ class Delivery(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENTRY_FIELD_NUMBER: _builtins.int
     REDELIVERY_FIELD_NUMBER: _builtins.int
     REPLAY_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     redelivery: _builtins.bool
     """Sent again after the grace period (SPEC M6)."""
     replay: _builtins.bool
     """Part of a RESUME replay; does not move the cursor (SPEC M11)."""
     @_builtins.property
     def entry(self) -> _common_pb2.Entry: ...
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """In a `deliveries` frame, the W3C trace context of the server's span for
+        this entry (a `delivery` frame carries it in ConnectResponse.trace_context).
+        """
+
     def __init__(
         self,
         *,
         entry: _common_pb2.Entry | None = ...,
         redelivery: _builtins.bool = ...,
         replay: _builtins.bool = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "redelivery", b"redelivery", "replay", b"replay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "redelivery", b"redelivery", "replay", b"replay", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
+class DeliveryBatch(_message.Message):
+    """DeliveryBatch carries consecutive deliveries, in offset order, in one frame
+    (OpenRequest.max_batch). Each is handled and acknowledged like a `delivery`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
 
 @_typing.final
 class SendAck(_message.Message):
