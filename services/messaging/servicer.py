@@ -552,6 +552,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
             clock=core.clock,
             tracer=core.tracer,
             queue_size=settings.window + 64,
+            spans=core.runtime.telemetry.exporting,
         )
         if first.open.processed_offset > state.cursor:
             # What the device already processed counts as acknowledged (never moving back).

@@ -7,6 +7,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bimip.common.v1 import common_pb2
+from bimip.messaging.v1 import messaging_pb2
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.messaging_client import devices, message
@@ -75,3 +76,26 @@ async def test_one_trace_from_send_to_the_delivered_receipt(backend: Backend, tm
             for span in spans:
                 for value in span.attributes.values():
                     assert "secret payload" not in str(value)
+
+
+async def test_without_an_exporter_deliveries_still_carry_the_senders_trace(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """No spans are built for deliveries when nothing exports them, but the trace goes on: the
+    recipient's delivery, and the sender's receipt, name the trace the sender's frame started."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    client_parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    async with running_suite(backend, tmp_path, ["messaging"]) as suite:
+        assert not suite.services["messaging"].runtime.telemetry.exporting
+        async with devices(suite, f"{A}/a1", f"{B}/b1", max_batch=8) as (a1, b1):
+            seq = await a1.write(
+                send=messaging_pb2.SendRequest(message=message(B, "traced")), trace_context=client_parent
+            )
+            assert (await a1.reply(seq)).WhichOneof("frame") == "sent"
+            (entry,) = await b1.wait_entries(1)
+            (frame,) = [f for f in b1.frames if f.WhichOneof("frame") == "delivery"]
+            assert frame.trace_context["traceparent"].split("-")[1] == trace_id
+            await b1.ack(entry.offset)
+            await a1.wait_for(lambda: a1.receipts())
+            (receipt,) = [f for f in a1.frames if f.WhichOneof("frame") == "delivery"]
+            assert receipt.trace_context["traceparent"].split("-")[1] == trace_id
