@@ -156,6 +156,14 @@ def _is_delivery(item: Any) -> bool:
     return isinstance(item, messaging_pb2.ConnectResponse) and item.WhichOneof("frame") == "delivery"
 
 
+def _batched_delivery(frame: messaging_pb2.ConnectResponse) -> bytes:
+    """The frame's Delivery, serialized, with the frame's traceparent moved into it."""
+    delivery = frame.delivery
+    if traceparent := frame.trace_context.get("traceparent"):
+        delivery.trace_context["traceparent"] = traceparent
+    return delivery.SerializeToString()
+
+
 def take_batch(
     first: messaging_pb2.ConnectResponse, out: Mailbox[Any], limit: int
 ) -> messaging_pb2.ConnectResponse | bytes:
@@ -167,21 +175,20 @@ def take_batch(
         return first
     parts: list[bytes] = []
     size = 0
-    item = first
+    body = _batched_delivery(first)
     while True:
-        delivery = item.delivery
-        if item.trace_context:
-            delivery.trace_context.update(item.trace_context)
-        body = delivery.SerializeToString()
         part = _ITEM_TAG + _varint(len(body)) + body
         parts.append(part)
         size += len(part)
         if len(parts) >= limit or out.empty():
             break
         following = out.peek_nowait()
-        if not _is_delivery(following) or size + following.delivery.ByteSize() + 8 > BATCH_BYTES:
+        if not _is_delivery(following):
             break
-        item = out.get_nowait()
+        body = _batched_delivery(following)
+        if size + len(body) + 8 > BATCH_BYTES:
+            break  # it stays first in line (a lone frame then carries its traceparent twice)
+        out.get_nowait()
     packed = b"".join(parts)
     return _DELIVERIES_TAG + _varint(len(packed)) + packed
 
