@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -153,13 +154,25 @@ ClientMain = Callable[[A, Ready], Coroutine[Any, Any, R]]
 """What runs in a client process: `async def main(args, ready) -> result` (picklable, top level)."""
 
 
+def _dump_tasks() -> None:
+    """Print where every task of this process waits (SIGUSR1: the parent gave up waiting on it)."""
+    print(f"--- client process {os.getpid()}: its tasks", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _child(conn: Connection, fn: ClientMain[A, R], args: A) -> None:
     async def ready() -> float:
         conn.send(("ready", None))
         return float(await asyncio.to_thread(conn.recv))
 
+    async def main() -> R:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        return await fn(args, ready)
+
     try:
-        result: R = asyncio.run(fn(args, ready))
+        result: R = asyncio.run(main())
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
     else:
@@ -241,5 +254,12 @@ def run_clients(
         time.sleep(duration)
         used = [(cpu_seconds(pid) - b) / duration for pid, b in zip(pids, before, strict=True)]
         limit = DRAIN_S + 60
-        results = [_expect(conn, "result", limit) for _, conn in started]
+        try:
+            results = [_expect(conn, "result", limit) for _, conn in started]
+        except TimeoutError:
+            for process, _ in started:  # say where the stuck ones wait before giving up
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)
+            raise
         return ClientsRun(results, round(sum(used[:servers]), 2), round(sum(used[servers:]), 2))
