@@ -136,7 +136,8 @@ async def _stream(
         if per_stream:
             await sleep_until(due)
             due += 1 / per_stream
-        await asyncio.wait_for(slots.acquire(), 30)
+        async with asyncio.timeout(30):
+            await slots.acquire()
         began = time.monotonic()
         sent[n] = began
         if timeline.measuring(began):
@@ -145,7 +146,8 @@ async def _stream(
         n += 1
     await call.done_writing()
     try:
-        await asyncio.wait_for(reader, DRAIN_S)
+        async with asyncio.timeout(DRAIN_S):  # the reader is cancelled if it runs out
+            await reader
     except TimeoutError:
         result.incomplete += sum(1 for began in sent.values() if timeline.measuring(began))
 

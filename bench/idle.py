@@ -210,7 +210,8 @@ class IdleStream:
         ack = messaging_pb2.AckRequest(offset=0)
         try:
             await self.call.write(messaging_pb2.ConnectRequest(seq=PROBE_SEQ, ack=ack))
-            await asyncio.wait_for(self.answered.wait(), PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                await self.answered.wait()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
             return False
         return True
@@ -221,7 +222,8 @@ class IdleStream:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self.call.done_writing()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.reader), CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.shield(self.reader)
             if self.ended == "OK":
                 self.result.closed_by_server += 1
 

@@ -261,7 +261,8 @@ class Device:
             self.acked = offset
             self.counts["acks sent"] += 1
             try:
-                await asyncio.wait_for(self.ack_answered.wait(), 30)
+                async with asyncio.timeout(30):  # wait_for may swallow close()'s cancel (3.11)
+                    await self.ack_answered.wait()
             except TimeoutError:
                 self.counts["ack unanswered for 30 s"] += 1
 
@@ -293,7 +294,8 @@ async def _send_loop(user: UserSpec, d1: Device, args: ClientArgs, run: Run) -> 
         await sleep_until(due)
         due += interval
         try:
-            await asyncio.wait_for(slots.acquire(), max(0.01, timeline.measure_to - time.monotonic()))
+            async with asyncio.timeout(max(0.01, timeline.measure_to - time.monotonic())):
+                await slots.acquire()
         except TimeoutError:
             return
         now = time.monotonic()
@@ -332,7 +334,8 @@ async def messaging_client(args: ClientArgs, ready: Ready) -> ClientResult:
         while run.in_window_pending() and (left := deadline - time.monotonic()) > 0:
             run.progress.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.progress.wait(), left)
+                async with asyncio.timeout(left):
+                    await run.progress.wait()
         run.result.incomplete = run.in_window_pending()
         return run.result
     finally:

@@ -120,7 +120,8 @@ class _Link(Generic[Req, Resp]):
     async def next(self, answers: asyncio.Queue[Resp | BimipError]) -> Resp:
         """The next answer on a route; a refusal or a broken link is raised."""
         try:
-            answer = await asyncio.wait_for(answers.get(), ANSWER_TIMEOUT_S)
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):  # not wait_for: see bimip.core.aio
+                answer = await answers.get()
         except TimeoutError:
             raise unavailable("messaging did not answer in time; retry") from None
         if isinstance(answer, BimipError):

@@ -89,7 +89,8 @@ class ChatApp:
 
     async def _drain_then_quit(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_sent.wait(), DRAIN_S)
+            async with asyncio.timeout(DRAIN_S):
+                await self._all_sent.wait()
         self.quit()
 
     def spawn(self, coro: object) -> None:

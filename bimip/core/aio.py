@@ -5,6 +5,11 @@ asyncio's own are large: an `asyncio.Queue` is four 64-slot deques (its items, g
 and the waiters of its `join` event), about 3 KB, and an `asyncio.Event` one deque, about 0.75 KB,
 allocated up front whether or not anything ever waits. These keep a list and create a future
 only while someone waits: about 0.1-0.2 KB each.
+
+Waiting with a time limit: `async with asyncio.timeout(t)`, never `asyncio.wait_for` (ruff's
+TID251 refuses it outside the tests). On Python 3.11, when the awaited thing completes in the same
+loop turn as the waiting task is cancelled, wait_for returns the result and the cancellation is
+lost: a stream's task that was told to stop goes on, and whoever waits for it hangs.
 """
 
 from __future__ import annotations

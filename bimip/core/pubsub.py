@@ -578,7 +578,8 @@ class RedisBus(_BusBase):
         if self._closed:
             return False
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), timeout=self._ping_timeout))
+            async with asyncio.timeout(self._ping_timeout):
+                return bool(await self._client.ping())
         except Exception as exc:  # noqa: BLE001 - health never raises; any failure means unhealthy
             logger.debug("bus: ping failed: %r", exc)
             return False

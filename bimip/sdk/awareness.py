@@ -56,7 +56,8 @@ class AwarenessSession:
         call: Any = self.stub.Connect(metadata=self._metadata)
         try:
             await call.write(aw.ConnectRequest(open=aw.OpenRequest()))
-            first = await asyncio.wait_for(call.read(), ANSWER_TIMEOUT_S)
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("frame") != "opened":
                 raise ConnectionLost("the awareness service did not open the stream")
             opened = first.opened

@@ -649,7 +649,8 @@ class Client:
                 )
             )
             try:
-                first = await asyncio.wait_for(call.read(), ANSWER_TIMEOUT_S)
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    first = await call.read()
             except grpc.aio.AioRpcError as err:
                 if reason_of(err) != "ACK_BEYOND_HEAD":
                     raise

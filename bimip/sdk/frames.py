@@ -59,7 +59,8 @@ class Frames:
         future = self._waiting[seq] = asyncio.get_running_loop().create_future()
         try:
             await self.write(make(seq))
-            answer = await asyncio.wait_for(future, ANSWER_TIMEOUT_S)
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):  # not wait_for: see bimip.core.aio
+                answer = await future
         except (ConnectionLost, TimeoutError):
             raise offline("the connection was lost; try again") from None
         finally:
