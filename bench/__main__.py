@@ -284,12 +284,13 @@ def targets(results: Results, backends: tuple[str, ...]) -> list[Target]:
             )
         latency = results.get(f"awareness {backend} latency")
         if latency:
+            full = latency.get("subscribers", 1000) >= 1000  # the target is for 1,000 subscribers
             out.append(
                 Target(
                     f"awareness {backend}: a change reaches all subscribers, p99",
                     latency["to_all_p99_ms"],
-                    "≤ 50",
-                    latency["to_all_p99_ms"] <= 50,
+                    "≤ 50" if full else f"≤ 50 (this run had {latency['subscribers']:,} subscribers)",
+                    latency["to_all_p99_ms"] <= 50 if full else None,
                     "ms",
                 )
             )

@@ -83,6 +83,12 @@ def test_a_short_idle_run_is_not_judged_on_the_count() -> None:
     assert judged["idle embedded: memory per idle stream"] == (True, "≤ 30")
 
 
+def test_a_short_awareness_run_is_not_judged() -> None:
+    short = {"awareness embedded latency": {"replicas": 1, "subscribers": 500, "to_all_p99_ms": 40.0}}
+    (row,) = targets(short, ("embedded",))
+    assert (row.met, row.goal) == (None, "≤ 50 (this run had 500 subscribers)")
+
+
 def test_two_replicas_are_reported_against_one() -> None:
     results = {"replicas scale 2× messaging peak": {"delivered_per_s": 250.0, "vs_one_replica": 0.5}}
     (row,) = targets(results, ("scale",))
