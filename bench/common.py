@@ -190,6 +190,35 @@ def _expect(conn: Connection, kind: str, timeout: float) -> Any:
     return value
 
 
+ServerProcess = tuple[multiprocessing.process.BaseProcess, Connection]
+
+
+def spawn_server(
+    target: Callable[..., None], *args: Any, what: str = "a server"
+) -> tuple[ServerProcess, int]:
+    """Start `target(conn, *args)` in a spawned process, which must send its port on `conn` and
+    stop when it receives anything; returns the process with the parent's end, and the port."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(child, *args), daemon=True)
+    process.start()
+    if not parent.poll(60):
+        stop_server((process, parent))
+        raise TimeoutError(f"{what} did not start within 60 s")
+    return (process, parent), int(parent.recv())
+
+
+def stop_server(server: ServerProcess) -> None:
+    """Tell a server of `spawn_server` to stop; terminate it if it has not within 10 s."""
+    process, parent = server
+    with contextlib.suppress(OSError):
+        parent.send("stop")
+    process.join(10)
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as stat:

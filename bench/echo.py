@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import random
 import sys
 import time
@@ -35,6 +34,8 @@ from bench.common import (
     latency_ms,
     run_clients,
     sleep_until,
+    spawn_server,
+    stop_server,
 )
 
 SERVICE = "bench.Echo"
@@ -71,22 +72,12 @@ def _serve(conn: Connection) -> None:
 @contextlib.contextmanager
 def echo_server() -> Iterator[tuple[str, int]]:
     """An echo server in its own process; yields its address and process id."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(child,), daemon=True)
-    process.start()
+    server, port = spawn_server(_serve, what="the echo server")
     try:
-        if not parent.poll(60):
-            raise TimeoutError("the echo server did not start within 60 s")
-        assert process.pid is not None
-        yield f"127.0.0.1:{parent.recv()}", process.pid
+        assert server[0].pid is not None
+        yield f"127.0.0.1:{port}", server[0].pid
     finally:
-        with contextlib.suppress(OSError):
-            parent.send("stop")
-        process.join(10)
-        if process.is_alive():
-            process.terminate()
-            process.join(5)
+        stop_server(server)
 
 
 # --- clients ------------------------------------------------------------------------------------

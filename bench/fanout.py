@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from bench.common import ServerProcess, spawn_server, stop_server
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.cli import tune_gc
 
@@ -151,29 +151,19 @@ def fanout_servers(replicas: int) -> Iterator[BareFanout]:
     """`replicas` bare fan-out servers, each in its own process; the first relays to the others."""
     if replicas < 1:
         raise ValueError("--replicas must be at least 1")
-    ctx = multiprocessing.get_context("spawn")
-    started: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    started: list[ServerProcess] = []
     addresses: list[str] = []
     try:
         # The last replica first: each earlier one relays to the one after it.
         for _ in range(replicas):
-            parent, child = ctx.Pipe()
             relay_to = addresses[0] if addresses else None
-            server = ctx.Process(target=_serve, args=(child, relay_to), daemon=True)
-            server.start()
-            started.insert(0, (server, parent))
-            if not parent.poll(60):
-                raise TimeoutError("a fan-out server did not start within 60 s")
-            addresses.insert(0, f"127.0.0.1:{parent.recv()}")
+            server, port = spawn_server(_serve, relay_to, what="a fan-out server")
+            started.insert(0, server)
+            addresses.insert(0, f"127.0.0.1:{port}")
         yield BareFanout(addresses, [p.pid for p, _ in started if p.pid is not None])
     finally:
-        for process, parent in started:
-            with contextlib.suppress(OSError):
-                parent.send("stop")
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
+        for server in started:
+            stop_server(server)
 
 
 def run_bare_fan_out(settings: Any, replicas: int, window: int = 1) -> dict[str, Any]:
