@@ -86,6 +86,10 @@ class Frames:
                 future.exception()  # an ask that gave up waiting must not log it as unretrieved
 
 
+QUICK_RETRIES = 2
+"""Attempts made at once, without backoff, after INTERNAL before a stream opened (see `run`)."""
+
+
 class Supervisor:
     """Runs a stream's session again and again, with exponential backoff and jitter between
     attempts, and reports the connection's state. A refused token ends it (`fatal`)."""
@@ -121,6 +125,7 @@ class Supervisor:
 
     async def run(self) -> None:
         failures = 0
+        quick = 0  # INTERNAL before the stream opened, asked again at once
         while True:
             self.connected = False
             try:
@@ -133,11 +138,18 @@ class Supervisor:
                     self._set("closed", str(failure))
                     self.attempted.set()
                     return
+                if err.code() == grpc.StatusCode.INTERNAL and not self.connected and quick < QUICK_RETRIES:
+                    # grpc.aio reports INTERNAL, and loses the server's status, when the open
+                    # frame's write races the server refusing the stream (a bad token): ask
+                    # again at once, so a refusal surfaces as itself (and `start()` raises it).
+                    quick += 1
+                    continue
                 error = str(failure)
             except (ConnectionLost, BimipClientError, TimeoutError) as exc:
                 error = str(exc) or type(exc).__name__
             finally:
                 self._on_down()
+            quick = 0
             self.attempted.set()
             self._set("reconnecting", error)
             failures = 1 if self.connected else failures + 1
