@@ -3,8 +3,8 @@
 The awareness benchmark's clients (the same code, unchanged) run against servers that do nothing but
 gRPC and asyncio: no token check, no storage, no Redis, no interceptors. Each server process holds
 the subscriber streams connected to it; when the star's stream brings an intent frame, the first
-server builds the presence frame once, serializes it once, forwards the bytes to the other server
-over one gRPC stream (in place of the Redis hop), and both write the same bytes to every local
+server builds the presence frame once, serializes it once, forwards the bytes down a chain of the
+other servers over one gRPC stream each (in place of the Redis hop), and each writes them to every local
 subscriber stream, each from that stream's own task (as every real service writes its streams). What
 the awareness service adds on top of that is its own cost; what is left here is the cost of writing
 1,000 frames on 1,000 connections and reading them in the client processes on this machine.
@@ -26,25 +26,28 @@ from typing import Any
 
 import grpc
 
+from bench.awareness import STAR, Settings, run_fan_out, subscriber_eids
 from bench.common import ServerProcess, spawn_server, stop_server
 from bimip.awareness.v1 import awareness_pb2 as aw
 from bimip.cli import tune_gc
 
-CONNECT = "/bimip.awareness.v1.AwarenessService/Connect"
 RELAY_SERVICE = "bench.Fanout"
 RELAY = f"/{RELAY_SERVICE}/Relay"
 HEARTBEAT_MS = 10_000  # the awareness service's default heartbeat interval
 
 
 class _Replica:
-    """One bare fan-out server: its subscriber streams' outboxes and, on the first replica, the
-    relay stream to the next one."""
+    """One bare fan-out server: its subscriber streams' outboxes and, on every replica but the last,
+    the relay stream to the next one."""
 
     def __init__(self) -> None:
         self.outboxes: set[asyncio.Queue[bytes | None]] = set()
-        self.relay: Any = None  # the relay call to the next replica, on the first one
+        self.relay: Any = None  # the relay call to the next replica
 
-    def fan_out(self, frame: bytes) -> None:
+    async def fan_out(self, frame: bytes) -> None:
+        """Pass `frame` down the chain of replicas, then to every local subscriber stream."""
+        if self.relay is not None:
+            await self.relay.write(frame)
         for outbox in self.outboxes:
             outbox.put_nowait(frame)
 
@@ -60,7 +63,7 @@ class _Replica:
         ).SerializeToString()
         outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         # Every stream but the star's subscribes (the suite's "token" is the device's eid).
-        if dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {_star()}":
+        if dict(context.invocation_metadata() or ()).get("authorization") != f"Bearer {STAR}":
             self.outboxes.add(outbox)
         reader = asyncio.create_task(self._read(requests, outbox))
         try:
@@ -75,11 +78,9 @@ class _Replica:
             request = aw.ConnectRequest.FromString(raw)
             if request.WhichOneof("frame") == "intent":  # the star
                 frame = aw.ConnectResponse(
-                    presence=aw.Presence(eid=_star(), status=request.intent.intent)
+                    presence=aw.Presence(eid=STAR, status=request.intent.intent)
                 ).SerializeToString()
-                if self.relay is not None:
-                    await self.relay.write(frame)
-                self.fan_out(frame)
+                await self.fan_out(frame)
         self.outboxes.discard(outbox)
         outbox.put_nowait(None)
 
@@ -87,14 +88,8 @@ class _Replica:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         async for frame in requests:
-            self.fan_out(frame)
+            await self.fan_out(frame)
         return b""
-
-
-def _star() -> str:
-    from bench.awareness import STAR
-
-    return STAR
 
 
 def _serve(conn: Connection, relay_to: str | None) -> None:
@@ -148,7 +143,7 @@ class BareFanout:
 
 @contextlib.contextmanager
 def fanout_servers(replicas: int) -> Iterator[BareFanout]:
-    """`replicas` bare fan-out servers, each in its own process; the first relays to the others."""
+    """`replicas` bare fan-out servers, each in its own process, each relaying to the next."""
     if replicas < 1:
         raise ValueError("--replicas must be at least 1")
     started: list[ServerProcess] = []
@@ -166,18 +161,14 @@ def fanout_servers(replicas: int) -> Iterator[BareFanout]:
             stop_server(server)
 
 
-def run_bare_fan_out(settings: Any, replicas: int, window: int = 1) -> dict[str, Any]:
-    """The awareness latency run (one change at a time unless `window` says more) against bare
-    fan-out servers: the same clients, the same layout."""
-    from bench.awareness import run_fan_out, subscriber_eids
-
+def run_bare_fan_out(settings: Settings, replicas: int) -> dict[str, Any]:
+    """The awareness latency run (one change at a time) against bare fan-out servers: the same
+    clients, the same layout."""
     with fanout_servers(replicas) as suite:
-        return run_fan_out(suite, settings, subscriber_eids(settings.subscribers), window)
+        return run_fan_out(suite, settings, subscriber_eids(settings.subscribers), 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.awareness import Settings
-
     parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--subscribers", type=int, default=1000)
