@@ -34,7 +34,7 @@ import multiprocessing
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -403,7 +403,7 @@ def run_backend(
     settings: Settings,
     eids: Sequence[str],
     runs: Sequence[tuple[str, int]],
-    say: Any = print,
+    say: Callable[[str], None] = print,
     ceilings: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The bare fan-out ceiling with this backend's number of replicas (`bench.fanout`; once per

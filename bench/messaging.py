@@ -49,6 +49,7 @@ from bench.services import DOMAIN, Suite, running
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
 from bimip.sdk.client import MAX_BATCH as SDK_MAX_BATCH
+from bimip.sdk.frames import deliveries_in
 
 RESULTS = Path(__file__).parent / "results" / "messaging.json"
 
@@ -70,7 +71,7 @@ class ClientArgs:
     workload: Workload
     users: tuple[UserSpec, ...]
     rate_per_sender: float | None  # None: closed loop, as fast as the in-flight window allows
-    max_batch: int = 1  # OpenRequest.max_batch: entries the devices take in one frame
+    max_batch: int  # OpenRequest.max_batch: entries the devices take in one frame
 
 
 @dataclass
@@ -199,10 +200,8 @@ class Device:
 
     def _frame(self, frame: messaging_pb2.ConnectResponse, now: float) -> None:
         kind = frame.WhichOneof("frame")
-        if kind == "delivery":
-            self._delivery(frame.delivery, now)
-        elif kind == "deliveries":
-            for delivery in frame.deliveries.deliveries:
+        if kind in ("delivery", "deliveries"):
+            for delivery, _ in deliveries_in(frame):
                 self._delivery(delivery, now)
         elif kind == "sent":
             self.sends.pop(frame.seq, None)

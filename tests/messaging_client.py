@@ -14,6 +14,7 @@ import grpc
 
 from bimip.common.v1 import common_pb2
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
+from bimip.sdk.frames import deliveries_in
 from tests.helpers import eventually
 from tests.streams import RecordedCall
 
@@ -54,14 +55,7 @@ class Device(RecordedCall):
     @property
     def deliveries(self) -> list[messaging_pb2.Delivery]:
         """Every delivery, in arrival order, whether it came alone or in a `deliveries` frame."""
-        out: list[messaging_pb2.Delivery] = []
-        for frame in self.frames:
-            kind = frame.WhichOneof("frame")
-            if kind == "delivery":
-                out.append(frame.delivery)
-            elif kind == "deliveries":
-                out.extend(frame.deliveries.deliveries)
-        return out
+        return [delivery for frame in self.frames for delivery, _ in deliveries_in(frame)]
 
     def entries(self, *, replay: bool = False) -> list[common_pb2.Entry]:
         return [d.entry for d in self.deliveries if d.replay == replay]

@@ -62,7 +62,7 @@ from bimip.sdk.events import (
     SnapshotLoaded,
     entry_event,
 )
-from bimip.sdk.frames import ANSWER_TIMEOUT_S, ConnectionLost, Frames, Supervisor
+from bimip.sdk.frames import ANSWER_TIMEOUT_S, ConnectionLost, Frames, Supervisor, deliveries_in
 from bimip.sdk.store import LocalStore, Pending
 from bimip.sync.v1 import sync_pb2, sync_pb2_grpc
 
@@ -806,15 +806,12 @@ class Client:
 
     async def _frame(self, frame: messaging_pb2.ConnectResponse) -> None:
         kind = frame.WhichOneof("frame")
-        if kind == "delivery":
-            if not frame.delivery.replay:
-                self._received(frame.delivery, frame.trace_context)
-                self._deliver(frame.delivery.entry)
-        elif kind == "deliveries":
-            self.stats.batches += 1
-            for delivery in frame.deliveries.deliveries:  # in offset order, each as if alone
+        if kind in ("delivery", "deliveries"):
+            if kind == "deliveries":
+                self.stats.batches += 1
+            for delivery, carrier in deliveries_in(frame):  # in offset order, each as if alone
                 if not delivery.replay:
-                    self._received(delivery, delivery.trace_context)
+                    self._received(delivery, carrier)
                     self._deliver(delivery.entry)
         elif kind == "sent":
             self._send_seqs.pop(frame.seq, None)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
+from bimip.messaging.v1 import messaging_pb2
 from bimip.sdk.errors import BimipClientError
 
 ANSWER_TIMEOUT_S = 30.0
@@ -18,6 +19,20 @@ ANSWER_TIMEOUT_S = 30.0
 
 class ConnectionLost(Exception):
     """The stream broke (or was never open); a supervisor reconnects."""
+
+
+def deliveries_in(
+    frame: messaging_pb2.ConnectResponse,
+) -> list[tuple[messaging_pb2.Delivery, Mapping[str, str]]]:
+    """The deliveries a messaging Connect frame carries, in offset order, each with its trace
+    context: a `delivery` frame's is the frame's own, each entry of a `deliveries` frame carries
+    its own. Empty for any other frame."""
+    kind = frame.WhichOneof("frame")
+    if kind == "delivery":
+        return [(frame.delivery, frame.trace_context)]
+    if kind == "deliveries":
+        return [(delivery, delivery.trace_context) for delivery in frame.deliveries.deliveries]
+    return []
 
 
 def offline(what: str = "not connected; try again when connected") -> BimipClientError:

@@ -167,11 +167,11 @@ def _batched_delivery(frame: messaging_pb2.ConnectResponse) -> bytes:
 def take_batch(
     first: messaging_pb2.ConnectResponse, out: Mailbox[Any], limit: int
 ) -> messaging_pb2.ConnectResponse | bytes:
-    """`first`, a delivery frame, with the delivery frames queued right behind it in `out` (taken
-    from it), up to `limit` entries and BATCH_BYTES: one `deliveries` frame, serialized here, each
-    entry's trace context moved into its Delivery. `first` as it is when no delivery is queued
-    behind it. Frames of other kinds end a batch, so every frame keeps its place."""
-    if limit < 2 or out.empty() or not _is_delivery(out.peek_nowait()):
+    """`first` with the delivery frames queued right behind it in `out` (taken from it), up to
+    `limit` entries and BATCH_BYTES: one `deliveries` frame, serialized here, each entry's trace
+    context moved into its Delivery. `first` as it is when it is not a delivery or no delivery is
+    queued behind it. Frames of other kinds end a batch, so every frame keeps its place."""
+    if limit < 2 or out.empty() or not _is_delivery(out.peek_nowait()) or not _is_delivery(first):
         return first
     parts: list[bytes] = []
     size = 0

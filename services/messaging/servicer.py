@@ -589,10 +589,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServiceServicer):
                     if item.error is not None:
                         await item.error.abort(context)
                     return
-                if batch > 1 and not out.empty() and item.WhichOneof("frame") == "delivery":
-                    yield take_batch(item, out, batch)  # deliveries ready together: one frame
-                else:
-                    yield item
+                yield take_batch(item, out, batch)  # deliveries ready together go as one frame
         finally:
             core.connect_streams.dec()
             # To its end: a handler cancelled again while it waits still unregisters.

@@ -10,6 +10,7 @@ from bimip.common.v1 import common_pb2
 from bimip.core.aio import Mailbox
 from bimip.core.streams import add_accepting_serialized, serialize_or_pass
 from bimip.messaging.v1 import messaging_pb2, messaging_pb2_grpc
+from bimip.sdk.frames import deliveries_in
 from services.messaging.delivery import BATCH_BYTES, Closed, take_batch
 
 Frame = messaging_pb2.ConnectResponse
@@ -51,6 +52,22 @@ def test_a_lone_delivery_or_a_limit_of_one_stays_as_it_is() -> None:
     assert take_batch(first, queued(), 8) is first
     assert take_batch(first, queued(delivery(2)), 1) is first
     assert take_batch(first, queued(Frame(seq=4, sent=messaging_pb2.SendAck())), 8) is first
+    sent = Frame(seq=5, sent=messaging_pb2.SendAck())
+    behind = queued(delivery(2))
+    assert take_batch(sent, behind, 8) is sent and behind.qsize() == 1  # not a delivery: as it is
+
+
+def test_deliveries_in_gives_each_entry_with_its_trace_context() -> None:
+    single = delivery(7)
+    assert [(d.entry.offset, c["traceparent"]) for d, c in deliveries_in(single)] == [
+        (7, single.trace_context["traceparent"])
+    ]
+    packed = Frame.FromString(take_batch(delivery(1), queued(delivery(2)), 8))  # type: ignore[arg-type]
+    assert [(d.entry.offset, c["traceparent"][-19:]) for d, c in deliveries_in(packed)] == [
+        (1, f"{1:016x}-01"),
+        (2, f"{2:016x}-01"),
+    ]
+    assert deliveries_in(Frame(seq=1, sent=messaging_pb2.SendAck())) == []
 
 
 def test_a_batch_stops_at_the_limit_and_before_a_frame_of_another_kind() -> None:
